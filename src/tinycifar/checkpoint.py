@@ -1,0 +1,86 @@
+"""Checkpoints: written atomically, read with ``weights_only=True`` only.
+
+A checkpoint is a dict of tensors and plain values (no pickled classes), so a
+tampered file cannot run code when loaded and a file from another version or
+another network is refused with a message that says which.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .models import create_model
+
+FORMAT_VERSION = 1
+
+
+class CheckpointError(Exception):
+    """The checkpoint cannot be used; the message names the file and the reason."""
+
+
+def atomic_write_bytes(path: Path, write) -> None:
+    """Call ``write(file)`` on a temporary file beside ``path``, fsync, then rename over it.
+
+    A crash or a full disk leaves the previous file untouched.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
+    state = {"format_version": FORMAT_VERSION, **state}
+    atomic_write_bytes(Path(path), lambda f: torch.save(state, f))
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint file not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: refused, it holds more than weights ({first})") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: not a readable checkpoint, truncated or corrupt ({first})") from None
+    if not isinstance(state, dict) or "model_state" not in state or "model" not in state:
+        raise CheckpointError(f"{path}: not a tinycifar checkpoint (no model name or weights)")
+    version = state.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: checkpoint format {version!r} is newer than this tinycifar reads ({FORMAT_VERSION}); upgrade tinycifar"
+        )
+    return state
+
+
+def model_from_checkpoint(state: dict[str, Any], path: str | Path = "checkpoint") -> nn.Module:
+    """Rebuild the named network and load its weights (EMA weights when the run kept them)."""
+    try:
+        model = create_model(state["model"], **state.get("model_kwargs", {}))
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    weights = state.get("ema_state") or state["model_state"]
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:
+        detail = str(e).splitlines()[0]
+        raise CheckpointError(f"{path}: weights do not fit network {state['model']!r} ({detail})") from None
+    return model

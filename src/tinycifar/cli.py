@@ -1,0 +1,235 @@
+"""The ``tinycifar`` command line: train, eval, models, summary, download, report, predict, export.
+
+Bad input (an option, a file, a dataset) ends with one line on stderr and exit code 2,
+never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from .checkpoint import CheckpointError
+from .config import PRESETS, ConfigError, load_config_file, parse_assignment, resolve_config
+from .data import DatasetError
+
+EXIT_BAD_INPUT = 2
+
+
+def _add_train_options(p: argparse.ArgumentParser) -> None:
+    """Options that map one-to-one onto TrainConfig fields; unset ones keep the preset's value."""
+    p.add_argument("--preset", default="fast", help=f"one of {', '.join(PRESETS)} (default: fast)")
+    p.add_argument("--config", metavar="FILE", help="TOML or JSON file of config values")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any config value, e.g. --set momentum=0.85 --set aug.cutout_size=12")
+    fields: list[tuple[str, type, str]] = [
+        ("--model", str, "network name (see `tinycifar models`)"),
+        ("--data", str, "CIFAR-10 folder (default: $CIFAR10_ROOT or ./data)"),
+        ("--dataset", str, "cifar10 or synthetic"),
+        ("--epochs", int, "training epochs"),
+        ("--batch-size", int, "global batch size (split across processes)"),
+        ("--lr", float, "peak learning rate"),
+        ("--optimizer", str, "sgd, adam or adamw"),
+        ("--schedule", str, "onecycle, cosine, step or constant"),
+        ("--warmup-epochs", float, "linear warm-up length"),
+        ("--weight-decay", float, "weight decay"),
+        ("--label-smoothing", float, "label smoothing"),
+        ("--ema-decay", float, "EMA of weights (0 = off)"),
+        ("--grad-clip", float, "max gradient norm (0 = off)"),
+        ("--seed", int, "random seed"),
+        ("--out", str, "run folder (default: runs/<preset>-<model>-<time>)"),
+        ("--device", str, "auto, cpu, cuda or cuda:N"),
+        ("--precision", str, "auto, bf16, fp16 or fp32"),
+        ("--threads", int, "CPU threads (0 = torch's default)"),
+        ("--target-acc", float, "stop at the first epoch reaching this test accuracy (percent)"),
+    ]
+    for flag, kind, text in fields:
+        p.add_argument(flag, type=kind, default=None, help=text)
+    p.add_argument("--aug", dest="aug_policy", default=None, help="augmentation policy: seed, fast or none")
+    flags = [("--resume", "resume", True, "continue the run in --out from its last.pt"),
+             ("--quiet", "quiet", True, "no progress output"),
+             ("--report", "report", True, "write the HTML report at the end"),
+             ("--tta", "tta", True, "also report final accuracy with test-time augmentation"),
+             ("--compile", "compile", True, "torch.compile the model"),
+             ("--no-channels-last", "channels_last", False, "keep NCHW memory format"),
+             ("--allow-modified", "allow_modified", True, "accept data files whose md5 is not the official one"),
+             ("--no-download", "download", False, "never download CIFAR-10")]
+    for flag, dest, value, text in flags:
+        p.add_argument(flag, dest=dest, action="store_const", const=value, default=None, help=text)
+
+
+_NOT_CONFIG = {"command", "preset", "config", "set", "aug_policy", "func"}
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    values = {k: v for k, v in vars(args).items() if k not in _NOT_CONFIG and v is not None}
+    for text in args.set:
+        key, value = parse_assignment(text)
+        if key.startswith("aug."):
+            values.setdefault("aug", {})[key[4:]] = value
+        else:
+            values[key] = value
+    if args.aug_policy is not None:
+        values.setdefault("aug", {})["policy"] = args.aug_policy
+    return values
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train import resume_config, train
+
+    overrides = _overrides(args)
+    if args.resume:
+        if not args.out:
+            raise ConfigError("--resume: needs --out RUN_DIR, the run to continue")
+        cfg = resume_config(Path(args.out), overrides)
+    else:
+        file_values = load_config_file(args.config) if args.config else None
+        cfg = resolve_config(args.preset, file_values, overrides)
+    result = train(cfg)
+    if cfg.report:
+        from .report import write_report
+
+        page = write_report(result.run_dir)
+        if not cfg.quiet:
+            print(f"report: {page}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .checkpoint import load_checkpoint, model_from_checkpoint
+    from .data import load_split
+    from .evaluate import evaluate
+    from .loader import DeviceLoader
+    from .train import resolve_device, resolve_precision
+
+    state = load_checkpoint(args.checkpoint)
+    model = model_from_checkpoint(state, args.checkpoint)
+    device = resolve_device(args.device)
+    precision = resolve_precision(args.precision, device)
+    test = load_split(args.data, train=False, verify_md5=not args.allow_modified)
+    loader = DeviceLoader(test, args.batch_size, state["mean"], state["std"], device, train=False)
+    result = evaluate(model.to(device), loader, precision, tta=args.tta)
+    from .data import CLASSES
+
+    if args.json:
+        print(json.dumps({"checkpoint": str(args.checkpoint), "model": state["model"], "tta": args.tta,
+                          "precision": precision, "accuracy": result.accuracy, "loss": result.loss,
+                          "correct": result.correct, "total": result.total,
+                          "per_class": dict(zip(CLASSES, result.per_class)),
+                          "confusion": result.confusion.tolist()}, indent=2))
+        return 0
+    print(result.line())
+    print("\nper-class accuracy:")
+    for name, acc in zip(CLASSES, result.per_class):
+        print(f"  {name:<11}{acc:6.2f}%")
+    print("\nconfusion matrix (rows: true class, columns: predicted):")
+    print("            " + "".join(f"{c[:5]:>6}" for c in CLASSES))
+    for name, row in zip(CLASSES, result.confusion.tolist()):
+        print(f"  {name:<10}" + "".join(f"{v:>6}" for v in row))
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from .models import MODEL_REGISTRY, count_params, create_model
+    from .summary import receptive_field
+
+    rows = []
+    for name in sorted(MODEL_REGISTRY):
+        m = create_model(name)
+        rows.append({"model": name, "params": count_params(m), "receptive_field": receptive_field(m),
+                     "description": (MODEL_REGISTRY[name].__doc__ or "").strip().splitlines()[0]})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'model':<14}{'params':>10}{'RF':>6}  description")
+    for r in rows:
+        print(f"{r['model']:<14}{r['params']:>10,}{r['receptive_field']:>6}  {r['description']}")
+    return 0
+
+
+def cmd_summary(args: argparse.Namespace) -> int:
+    from .models import create_model
+    from .summary import format_summary, model_summary
+
+    try:
+        model = create_model(args.model)
+    except ValueError as e:
+        raise ConfigError(f"--model: {e}") from None
+    s = model_summary(model)
+    print(json.dumps(s, indent=2) if args.json else format_summary(s))
+    return 0
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    from .data import ARCHIVE_MD5, download_cifar10, find_layout
+
+    root = Path(args.data)
+    try:
+        print(f"CIFAR-10 already present in {root} ({find_layout(root)} layout)")
+        return 0
+    except DatasetError:
+        pass
+    path = download_cifar10(root, url=args.url, md5=None if args.no_md5 else ARCHIVE_MD5)
+    print(f"CIFAR-10 ready in {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    import os
+
+    from .data import URL
+    from .evaluate import TTA_MODES
+
+    parser = argparse.ArgumentParser(prog="tinycifar", description="Fast compact CIFAR-10 networks.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a network")
+    _add_train_options(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a checkpoint on the test set")
+    p.add_argument("--checkpoint", required=True, type=Path)
+    p.add_argument("--data", default=os.environ.get("CIFAR10_ROOT", "./data"))
+    p.add_argument("--tta", choices=TTA_MODES, default="none")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default="fp32", choices=("auto", "bf16", "fp16", "fp32"))
+    p.add_argument("--batch-size", type=int, default=1000)
+    p.add_argument("--allow-modified", action="store_true")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("models", help="list the registered networks")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("summary", help="per-layer table of a network")
+    p.add_argument("--model", default="era9")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_summary)
+
+    p = sub.add_parser("download", help="download CIFAR-10 if it is not there")
+    p.add_argument("--data", default=os.environ.get("CIFAR10_ROOT", "./data"))
+    p.add_argument("--url", default=URL, help="archive URL (a mirror may be given)")
+    p.add_argument("--no-md5", action="store_true", help="skip the archive checksum (mirrors of modified copies)")
+    p.set_defaults(func=cmd_download)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, DatasetError, CheckpointError) as e:
+        print(f"tinycifar {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print(f"tinycifar {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

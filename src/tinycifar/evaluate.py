@@ -1,0 +1,95 @@
+"""Evaluation: loss, accuracy, per-class accuracy, confusion matrix, test-time augmentation.
+
+Under ``torch.distributed`` each rank evaluates its own slice of the test set and the
+counts are summed, so every test image is counted exactly once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+TTA_MODES = ("none", "flip", "flip+translate")
+
+
+def autocast_context(device: torch.device, precision: str):
+    """bf16/fp16 autocast on the training device, or nothing for fp32."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def shift(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+    """Translate by (dy, dx) pixels, reflecting at the border."""
+    p = max(abs(dy), abs(dx))
+    padded = F.pad(x, (p, p, p, p), mode="reflect")
+    h, w = x.shape[-2:]
+    return padded[..., p - dy : p - dy + h, p - dx : p - dx + w]
+
+
+def tta_views(x: torch.Tensor, mode: str) -> list[torch.Tensor]:
+    """Views whose logits are averaged: flip doubles the views, translate adds 1-pixel shifts."""
+    if mode not in TTA_MODES:
+        raise ValueError(f"test-time augmentation {mode!r}: expected one of {TTA_MODES}")
+    if mode == "none":
+        return [x]
+    views = [x, x.flip(-1)]
+    if mode == "flip+translate":
+        views += [shift(v, s, s) for v in views[:2] for s in (-1, 1)]
+    return views
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, x: torch.Tensor, precision: str = "fp32", tta: str = "none") -> torch.Tensor:
+    with autocast_context(x.device, precision):
+        logits = [model(v).float() for v in tta_views(x, tta)]
+    return torch.stack(logits).mean(0)
+
+
+@dataclass
+class EvalResult:
+    loss: float
+    correct: int
+    total: int
+    confusion: torch.Tensor  # (10, 10): rows true class, columns predicted
+
+    @property
+    def accuracy(self) -> float:
+        return 100.0 * self.correct / max(self.total, 1)
+
+    @property
+    def per_class(self) -> list[float]:
+        counts = self.confusion.sum(1).clamp(min=1)
+        return (100.0 * self.confusion.diag() / counts).tolist()
+
+    def line(self) -> str:
+        """The reference run's per-epoch line."""
+        return (f"Test set: Average loss: {self.loss:.4f}, "
+                f"Accuracy: {self.correct}/{self.total} ({self.accuracy:.2f}%)")
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, precision: str = "fp32", tta: str = "none",
+             num_classes: int = 10) -> EvalResult:
+    was_training = model.training
+    model.eval()
+    device = loader.device
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    confusion = torch.zeros(num_classes * num_classes, device=device, dtype=torch.long)
+    for x, y in loader:
+        logits = predict_logits(model, x, precision, tta)
+        loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
+        confusion += torch.bincount(y * num_classes + logits.argmax(1), minlength=num_classes**2)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(loss_sum)
+        dist.all_reduce(confusion)
+    model.train(was_training)
+    confusion = confusion.view(num_classes, num_classes).cpu()
+    total = int(confusion.sum())
+    return EvalResult(float(loss_sum) / max(total, 1), int(confusion.diag().sum()), total, confusion)

@@ -1,0 +1,100 @@
+"""The device loader: the whole split lives on the training device as uint8.
+
+No worker processes, no per-image Python: each epoch is one permutation, each batch
+one gather, one normalization and one batched augmentation. The permutation and the
+augmentation draw from generators seeded by (seed, epoch), so epoch k is the same
+whether a run got there directly or by ``--resume``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from .augment import AugmentConfig, augment
+from .data import Split
+
+
+def channel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of uint8 images, on the 0..1 scale."""
+    x = images.float().div_(255)
+    return x.mean((0, 2, 3)).tolist(), x.std((0, 2, 3)).tolist()
+
+
+def epoch_generator(seed: int, epoch: int, device: torch.device, stream: int = 0) -> torch.Generator:
+    """Independent, reproducible random stream for one epoch (and one purpose)."""
+    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + epoch * 101 + stream)
+
+
+class DeviceLoader:
+    """Yields (images, labels) batches, normalized and optionally augmented, on ``device``.
+
+    With ``world_size > 1`` each rank gets a disjoint, equally sized slice of every epoch's
+    permutation (the remainder is dropped so ranks take the same number of steps).
+    """
+
+    def __init__(
+        self,
+        split: Split,
+        batch_size: int,
+        mean: list[float],
+        std: list[float],
+        device: str | torch.device = "cpu",
+        train: bool = True,
+        aug: AugmentConfig | None = None,
+        seed: int = 0,
+        channels_last: bool = False,
+        drop_last: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        if batch_size <= 0:
+            raise ValueError(f"batch size must be positive, got {batch_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world size {world_size}")
+        self.device = torch.device(device)
+        self.images = split.images.to(self.device)
+        self.labels = split.labels.to(self.device)
+        self.batch_size, self.train, self.aug, self.seed = batch_size, train, aug, seed
+        self.channels_last, self.drop_last = channels_last, drop_last
+        self.rank, self.world_size = rank, world_size
+        self.mean = torch.tensor(mean, device=self.device).view(1, -1, 1, 1) * 255
+        self.std = torch.tensor(std, device=self.device).view(1, -1, 1, 1) * 255
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def indices(self) -> torch.Tensor:
+        """This rank's sample order for the current epoch."""
+        n = len(self.labels)
+        if self.train:
+            order = torch.randperm(n, generator=epoch_generator(self.seed, self.epoch, torch.device("cpu")))
+        else:
+            order = torch.arange(n)
+        if self.world_size > 1:
+            if self.train:
+                order = order[: n - n % self.world_size]
+            order = order[self.rank :: self.world_size]
+        return order.to(self.device)
+
+    def __len__(self) -> int:
+        n = len(self.indices()) if self.world_size > 1 else len(self.labels)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        return (images.float() - self.mean) / self.std
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order = self.indices()
+        gen = epoch_generator(self.seed, self.epoch, self.device, stream=1)
+        stop = len(order) - len(order) % self.batch_size if self.drop_last else len(order)
+        for start in range(0, stop, self.batch_size):
+            idx = order[start : start + self.batch_size]
+            x = self.normalize(self.images[idx])
+            if self.train and self.aug is not None:
+                x = augment(x, self.aug, gen)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            yield x, self.labels[idx]

@@ -1,0 +1,145 @@
+"""Networks and the model registry.
+
+Every network is ``features`` (convolutions, no max-pooling) followed by ``head``
+(global average pooling and one linear layer). Keeping that split on every model
+lets the receptive-field walk, the summary table and Grad-CAM work on any of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+MODEL_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_model(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    def add(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        if name in MODEL_REGISTRY:
+            raise ValueError(f"model {name!r} is already registered")
+        MODEL_REGISTRY[name] = factory
+        return factory
+
+    return add
+
+
+def create_model(name: str, **kwargs) -> nn.Module:
+    if name not in MODEL_REGISTRY:
+        raise ValueError(f"unknown model {name!r}; choose from: {', '.join(sorted(MODEL_REGISTRY))}")
+    model = MODEL_REGISTRY[name](**kwargs)
+    model.name = name
+    return model
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# ---------------------------------------------------------------------------- layers
+
+
+class ConvBNAct(nn.Sequential):
+    """3x3 (or kxk) convolution, batch norm, ReLU; 'same' padding for any dilation."""
+
+    def __init__(
+        self,
+        cin: int,
+        cout: int,
+        kernel_size: int = 3,
+        stride: int = 1,
+        dilation: int = 1,
+        groups: int = 1,
+        dropout: float = 0.0,
+        act: bool = True,
+    ):
+        padding = dilation * (kernel_size - 1) // 2
+        layers: list[nn.Module] = [
+            nn.Conv2d(cin, cout, kernel_size, stride, padding, dilation, groups, bias=False),
+            nn.BatchNorm2d(cout),
+        ]
+        if act:
+            layers.append(nn.ReLU(inplace=True))
+        if dropout > 0:
+            layers.append(nn.Dropout2d(dropout))
+        super().__init__(*layers)
+
+
+class DepthwiseSeparable(nn.Sequential):
+    """Depthwise kxk then pointwise 1x1: ~k*k times fewer weights than a full conv."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1, dilation: int = 1, dropout: float = 0.0):
+        super().__init__(
+            ConvBNAct(cin, cin, 3, stride, dilation, groups=cin),
+            ConvBNAct(cin, cout, 1, dropout=dropout),
+        )
+
+
+class Residual(nn.Module):
+    """x + body(x); the identity path adds nothing to the receptive field."""
+
+    def __init__(self, body: nn.Module):
+        super().__init__()
+        self.body = body
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
+class ClassifierHead(nn.Sequential):
+    """Global average pooling, then a linear layer to the classes."""
+
+    def __init__(self, cin: int, num_classes: int = 10, scale: float = 1.0):
+        super().__init__(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, num_classes))
+        self.scale = scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) * self.scale if self.scale != 1.0 else super().forward(x)
+
+
+class Net(nn.Module):
+    """features -> head. ``features`` keeps the spatial map that Grad-CAM reads."""
+
+    def __init__(self, features: nn.Sequential, head: nn.Module):
+        super().__init__()
+        self.features = features
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+# ---------------------------------------------------------------------------- networks
+
+
+@register_model("era9")
+def era9(num_classes: int = 10, dropout: float = 0.05) -> Net:
+    """The assignment's network: C1..C4, strided/dilated downsampling, no max-pooling.
+
+    C2 and C3 hold the depthwise-separable convolutions, C3 opens with a dilated one.
+    Receptive field 83, 195,410 parameters, 21M multiply-accumulates per image.
+    """
+    d = dropout
+    features = nn.Sequential(
+        nn.Sequential(  # C1, 32x32
+            ConvBNAct(3, 24, dropout=d),
+            ConvBNAct(24, 32, dropout=d),
+            ConvBNAct(32, 32, stride=2, dropout=d),  # -> 16x16
+        ),
+        nn.Sequential(  # C2, 16x16
+            ConvBNAct(32, 48, dropout=d),
+            DepthwiseSeparable(48, 64, dropout=d),
+            ConvBNAct(64, 64, stride=2, dropout=d),  # -> 8x8
+        ),
+        nn.Sequential(  # C3, 8x8
+            ConvBNAct(64, 64, dilation=2, dropout=d),
+            DepthwiseSeparable(64, 96, dropout=d),
+            ConvBNAct(96, 48, stride=2, dropout=d),  # -> 4x4
+        ),
+        nn.Sequential(  # C4, 4x4
+            ConvBNAct(48, 64, dropout=d),
+            DepthwiseSeparable(64, 128),
+        ),
+    )
+    return Net(features, ClassifierHead(128, num_classes))

@@ -1,0 +1,427 @@
+"""The training engine.
+
+dataset -> DeviceLoader (augmentation on the device) -> model -> loss/optimizer
+-> metrics -> run folder. Every epoch ends with an atomic ``last.pt`` holding all that
+``--resume`` needs; the random streams are derived from (seed, epoch), so a resumed run
+retraces the uninterrupted one exactly on the CPU.
+
+Under ``torchrun`` (WORLD_SIZE > 1) the model is wrapped in DistributedDataParallel,
+``batch_size`` is the global batch split evenly across ranks, and only rank 0 prints
+and writes files.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from tqdm import tqdm
+
+from .checkpoint import CheckpointError, atomic_write_bytes, load_checkpoint, save_checkpoint
+from .config import ConfigError, TrainConfig
+from .data import Split, load_cifar10, synthetic_cifar10
+from .evaluate import EvalResult, autocast_context, evaluate
+from .loader import DeviceLoader, channel_stats
+from .models import count_params, create_model
+
+METRIC_FIELDS = ["epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "seconds", "train_seconds_total"]
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (non-finite loss, unusable run folder); the message says why."""
+
+
+# ---------------------------------------------------------------------------- environment
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
+def cpu_supports_bf16() -> bool:
+    """Fast bf16 on the CPU needs AVX512-BF16 or AMX; elsewhere autocast is slower than fp32."""
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision != "auto":
+        if precision == "fp16" and device.type == "cpu":
+            raise ConfigError("--precision fp16: not supported on the CPU; use bf16 or fp32")
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if cpu_supports_bf16() else "fp32"
+
+
+@dataclass
+class DistEnv:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device_name: str) -> DistEnv:
+    """Join the torchrun process group when launched by torchrun; gloo on CPU, nccl on CUDA."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistEnv()
+    env = DistEnv(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+    use_cuda = device_name.startswith("cuda") or (device_name == "auto" and torch.cuda.is_available())
+    if use_cuda:
+        torch.cuda.set_device(env.local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return env
+
+
+# ---------------------------------------------------------------------------- optimisation
+
+
+def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
+    """Weights with decay; norm scales/biases and all biases without (unless asked), at their own lr."""
+    decay, norm_scale, no_decay_bias = [], [], []
+    for module in model.modules():
+        is_norm = isinstance(module, nn.modules.batchnorm._BatchNorm)
+        for name, p in module.named_parameters(recurse=False):
+            if not p.requires_grad:
+                continue
+            if name == "bias":
+                no_decay_bias.append(p)
+            elif is_norm:
+                norm_scale.append(p)
+            else:
+                decay.append(p)
+    wd_extra = cfg.weight_decay if cfg.wd_on_norm_and_bias else 0.0
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay, "lr_scale": 1.0},
+        {"params": norm_scale, "weight_decay": wd_extra, "lr_scale": 1.0},
+        {"params": no_decay_bias, "weight_decay": wd_extra, "lr_scale": cfg.norm_bias_lr_scale},
+    ]
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    groups = param_groups(model, cfg)
+    for g in groups:
+        g["lr"] = cfg.lr * g["lr_scale"]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=cfg.lr)
+    return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
+def lr_factor(step: int, total: int, steps_per_epoch: int, cfg: TrainConfig) -> float:
+    """Multiplier of the peak lr at ``step`` (0-based) of ``total``: warm-up then the schedule."""
+    warmup = int(cfg.warmup_epochs * steps_per_epoch)
+    if step < warmup:
+        return (step + 1) / warmup
+    t = (step - warmup) / max(total - warmup, 1)  # 0 -> 1 over the rest
+    end = cfg.final_lr_scale
+    if cfg.schedule == "constant":
+        return 1.0
+    if cfg.schedule == "step":
+        return cfg.step_gamma ** ((step // steps_per_epoch) // cfg.step_size)
+    if cfg.schedule == "cosine":
+        return end + (1 - end) * 0.5 * (1 + math.cos(math.pi * t))
+    # one-cycle (Smith): linear rise from 1/25 of the peak, cosine fall to ``end``
+    rise = cfg.pct_start if warmup == 0 else 0.0
+    if t < rise:
+        return 0.04 + 0.96 * t / rise
+    u = (t - rise) / (1 - rise)
+    return end + (1 - end) * 0.5 * (1 + math.cos(math.pi * u))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for g in optimizer.param_groups:
+        g["lr"] = lr * g.get("lr_scale", 1.0)
+
+
+# ---------------------------------------------------------------------------- run folder
+
+
+def default_run_dir(cfg: TrainConfig) -> Path:
+    return Path("runs") / f"{cfg.preset}-{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def write_metrics_csv(path: Path, history: list[dict[str, Any]]) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=METRIC_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(history)
+    atomic_write_bytes(path, lambda f: f.write(buf.getvalue().encode()))
+
+
+def write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
+
+
+def prepare_run_dir(cfg: TrainConfig) -> Path:
+    run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"--out {run_dir}: exists and is not a folder")
+    if cfg.resume:
+        if not (run_dir / "last.pt").is_file():
+            raise ConfigError(f"--resume: {run_dir / 'last.pt'} not found; nothing to resume")
+    elif (run_dir / "last.pt").exists():
+        raise ConfigError(f"--out {run_dir}: already holds a run (last.pt); pass --resume to continue it "
+                          "or choose another --out")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"--out {run_dir}: run folder is not writable ({e.strerror})") from None
+    return run_dir
+
+
+# ---------------------------------------------------------------------------- data
+
+
+def load_data(cfg: TrainConfig, quiet: bool) -> tuple[Split, Split]:
+    if cfg.dataset == "synthetic":
+        return synthetic_cifar10(cfg.synthetic_size, max(cfg.synthetic_size // 4, 10), seed=cfg.seed)
+    return load_cifar10(cfg.data, verify_md5=not cfg.allow_modified, download=cfg.download)
+
+
+# ---------------------------------------------------------------------------- the loop
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    summary: dict[str, Any]
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def model_kwargs(cfg: TrainConfig) -> dict[str, Any]:
+    return {} if cfg.dropout is None else {"dropout": cfg.dropout}
+
+
+def train(cfg: TrainConfig, data: tuple[Split, Split] | None = None) -> RunResult:
+    """Train as ``cfg`` says; returns the run folder and its summary."""
+    env = init_distributed(cfg.device)
+    device = resolve_device(cfg.device)
+    if device.type == "cuda" and env.world_size > 1:
+        device = torch.device("cuda", env.local_rank)
+    precision = resolve_precision(cfg.precision, device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if cfg.batch_size % env.world_size:
+        raise ConfigError(f"--batch-size {cfg.batch_size}: must be divisible by the {env.world_size} processes")
+    quiet = cfg.quiet or not env.is_main
+
+    run_dir = prepare_run_dir(cfg) if env.is_main else Path(cfg.out or ".")
+    resume_state = load_checkpoint(run_dir / "last.pt") if cfg.resume else None
+    if resume_state is not None and env.world_size > 1:
+        dist.barrier()
+
+    train_split, test_split = data if data is not None else load_data(cfg, quiet)
+    mean, std = channel_stats(train_split.images)
+    torch.manual_seed(cfg.seed)
+    model = create_model(cfg.model, **model_kwargs(cfg)).to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    params = count_params(model)
+    per_rank_batch = cfg.batch_size // env.world_size
+    train_loader = DeviceLoader(train_split, per_rank_batch, mean, std, device, train=True, aug=cfg.aug,
+                                seed=cfg.seed, channels_last=cfg.channels_last, drop_last=True,
+                                rank=env.rank, world_size=env.world_size)
+    test_loader = DeviceLoader(test_split, 1000, mean, std, device, train=False,
+                               channels_last=cfg.channels_last, rank=env.rank, world_size=env.world_size)
+    steps_per_epoch = len(train_loader)
+    if steps_per_epoch == 0:
+        raise ConfigError(f"--batch-size {cfg.batch_size}: larger than the {len(train_split)} training images")
+    total_steps = steps_per_epoch * cfg.epochs
+
+    optimizer = build_optimizer(model, cfg)
+    ema = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
+           if cfg.ema_decay > 0 else None)
+    history: list[dict[str, Any]] = []
+    start_epoch, train_seconds, best_acc = 0, 0.0, -1.0
+    if resume_state is not None:
+        model.load_state_dict(resume_state["model_state"])
+        optimizer.load_state_dict(resume_state["optimizer_state"])
+        if ema is not None and resume_state.get("ema_full_state"):
+            ema.load_state_dict(resume_state["ema_full_state"])
+        history = list(resume_state["history"])
+        start_epoch = int(resume_state["epoch"])
+        train_seconds = float(history[-1]["train_seconds_total"]) if history else 0.0
+        best_acc = max((h["test_acc"] for h in history), default=-1.0)
+
+    net = model
+    if env.world_size > 1:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:
+        net = torch.compile(net)
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    eval_model = ema.module if ema is not None else model
+
+    if env.is_main:
+        write_json(run_dir / "config.json", {**cfg.to_dict(), "resolved": {
+            "device": str(device), "precision": precision, "world_size": env.world_size,
+            "per_rank_batch": per_rank_batch, "steps_per_epoch": steps_per_epoch, "params": params,
+            "mean": mean, "std": std, "torch": torch.__version__}})
+    if not quiet:
+        print(f"tinycifar: {cfg.model} ({params:,} parameters), {len(train_split):,} train / "
+              f"{len(test_split):,} test images, {device} {precision}, batch {cfg.batch_size}, "
+              f"{cfg.epochs} epochs -> {run_dir}")
+        if resume_state is not None:
+            print(f"resuming after epoch {start_epoch}")
+
+    def checkpoint_state(epoch: int) -> dict[str, Any]:
+        return {
+            "model": cfg.model, "model_kwargs": model_kwargs(cfg), "epoch": epoch,
+            "model_state": model.state_dict(), "optimizer_state": optimizer.state_dict(),
+            "ema_state": ema.module.state_dict() if ema is not None else None,
+            "ema_full_state": ema.state_dict() if ema is not None else None,
+            "config": cfg.to_dict(), "mean": mean, "std": std, "history": history, "params": params,
+        }
+
+    stop_reason = ""
+    for epoch in range(start_epoch, cfg.epochs):
+        train_loader.set_epoch(epoch)
+        torch.manual_seed(cfg.seed * 1_000_003 + epoch)  # dropout stream, reproducible on resume
+        model.train()
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), device=device, dtype=torch.long)
+        seen = 0
+        if not quiet:
+            print(f"EPOCH: {epoch + 1}")
+        bar = tqdm(train_loader, total=steps_per_epoch, disable=quiet, dynamic_ncols=True, leave=True)
+        t0 = time.perf_counter()
+        for i, (x, y) in enumerate(bar):
+            step = epoch * steps_per_epoch + i
+            lr = cfg.lr * lr_factor(step, total_steps, steps_per_epoch, cfg)
+            set_lr(optimizer, lr)
+            with autocast_context(device, precision):
+                logits = net(x)
+                loss = criterion(logits.float(), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip > 0:
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            if ema is not None:
+                ema.update_parameters(model)
+            loss_sum += loss.detach() * len(y)
+            correct += (logits.argmax(1) == y).sum()
+            seen += len(y)
+            if not quiet and (i % 10 == 0 or i == steps_per_epoch - 1):
+                bar.set_description(f"Loss={loss.item():.4f} Batch_id={i} "
+                                    f"Accuracy={100.0 * correct.item() / seen:.2f}")
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        epoch_seconds = time.perf_counter() - t0
+        bar.close()
+        totals = torch.stack([loss_sum.double(), correct.double(), torch.tensor(float(seen), device=device,
+                                                                                dtype=torch.float64)])
+        if env.world_size > 1:
+            dist.all_reduce(totals)
+        train_loss, train_acc = (totals[0] / totals[2]).item(), (100 * totals[1] / totals[2]).item()
+        if not math.isfinite(train_loss):
+            raise TrainingError(
+                f"epoch {epoch + 1}: training loss is {train_loss}; stopped. The last good checkpoint is "
+                f"{run_dir / 'last.pt'} (epoch {start_epoch if not history else history[-1]['epoch']}); "
+                "lower --lr or set a --grad-clip")
+        train_seconds += epoch_seconds
+        result = evaluate(eval_model, test_loader, precision)
+        row = {"epoch": epoch + 1, "lr": lr, "train_loss": round(train_loss, 6), "train_acc": round(train_acc, 4),
+               "test_loss": round(result.loss, 6), "test_acc": round(result.accuracy, 4),
+               "seconds": round(epoch_seconds, 3), "train_seconds_total": round(train_seconds, 3)}
+        history.append(row)
+        if not quiet:
+            print(f"\n{result.line()}\n")
+        if env.is_main:
+            state = checkpoint_state(epoch + 1)
+            if result.accuracy > best_acc:
+                best_acc = result.accuracy
+                save_checkpoint(run_dir / "best.pt", state)
+            save_checkpoint(run_dir / "last.pt", state)
+            write_metrics_csv(run_dir / "metrics.csv", history)
+        if cfg.target_acc and result.accuracy >= cfg.target_acc:
+            stop_reason = f"reached --target-acc {cfg.target_acc}% at epoch {epoch + 1}"
+            break
+
+    summary = build_summary(cfg, history, params, precision, device, env, stop_reason,
+                            steps_per_epoch * cfg.batch_size)
+    if cfg.tta and history:
+        tta_result = evaluate(eval_model, test_loader, precision, tta="flip+translate")
+        summary["final_acc_tta"] = round(tta_result.accuracy, 4)
+    if env.is_main:
+        write_json(run_dir / "summary.json", summary)
+    if not quiet:
+        print(summary_line(summary))
+        print(f"run folder: {run_dir}")
+    return RunResult(run_dir, summary, history)
+
+
+def build_summary(cfg: TrainConfig, history: list[dict[str, Any]], params: int, precision: str,
+                  device: torch.device, env: DistEnv, stop_reason: str, images_per_epoch: int) -> dict[str, Any]:
+    accs = [h["test_acc"] for h in history]
+    reached = next((h for h in history if h["test_acc"] >= cfg.target_for_summary), None)
+    train_seconds = history[-1]["train_seconds_total"] if history else 0.0
+    best = max(history, key=lambda h: h["test_acc"]) if history else None
+    return {
+        "model": cfg.model, "preset": cfg.preset, "params": params, "epochs_run": len(history),
+        "best_acc": best["test_acc"] if best else None, "best_epoch": best["epoch"] if best else None,
+        "final_acc": accs[-1] if accs else None, "final_loss": history[-1]["test_loss"] if history else None,
+        "target": cfg.target_for_summary,
+        "epoch_reached_target": reached["epoch"] if reached else None,
+        "seconds_to_target": reached["train_seconds_total"] if reached else None,
+        "train_seconds": train_seconds,
+        "images_per_second": round(len(history) * images_per_epoch / train_seconds, 1) if train_seconds else None,
+        "device": str(device), "precision": precision, "world_size": env.world_size,
+        "stop_reason": stop_reason,
+    }
+
+
+def summary_line(s: dict[str, Any]) -> str:
+    reached = (f"{s['target']:g}% first at epoch {s['epoch_reached_target']} ({s['seconds_to_target']:.1f} s)"
+               if s["epoch_reached_target"] else f"{s['target']:g}% not reached")
+    ips = f", {s['images_per_second']:,.0f} images/s" if s.get("images_per_second") else ""
+    tta = f", with TTA {s['final_acc_tta']:.2f}%" if "final_acc_tta" in s else ""
+    return (f"Done: best {s['best_acc']:.2f}% (epoch {s['best_epoch']}), final {s['final_acc']:.2f}%{tta}, "
+            f"{reached}, {s['train_seconds']:.1f} s training{ips}")
+
+
+def resume_config(run_dir: Path, overrides: dict[str, Any]) -> TrainConfig:
+    """The config a run was started with, plus the execution options that may change on resume."""
+    from .config import _merge, validate
+
+    try:
+        state = load_checkpoint(run_dir / "last.pt")
+    except CheckpointError as e:
+        raise ConfigError(f"--resume: {e}") from None
+    saved = dict(state["config"])
+    cfg = _merge(TrainConfig(), saved, f"{run_dir / 'last.pt'}")
+    allowed = {"quiet", "report", "device", "threads", "resume", "out", "data", "download"}
+    changed = {k for k, v in overrides.items() if k not in allowed and saved.get(k) != v}
+    if changed:
+        raise ConfigError(f"--resume: cannot change {', '.join(sorted(changed))} of a started run")
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    cfg.resume, cfg.out = True, str(run_dir)
+    validate(cfg)
+    return cfg
