@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import tempfile
-import zipfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -39,9 +40,23 @@ def atomic_write_bytes(path: Path, write) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        cause = _os_error_in(e)
+        if cause is not None and cause is not e:  # torch.save wraps a failed write in a RuntimeError
+            raise cause from e
         raise
+
+
+def _os_error_in(e: BaseException | None) -> OSError | None:
+    """The OSError (disk full, I/O error) behind ``e``, if any, following __cause__/__context__."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
@@ -54,33 +69,56 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint file not found")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about odd pickle protocols before failing on them
+            warnings.simplefilter("ignore", UserWarning)
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: refused, it holds more than weights ({first})") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        reason = _unpickling_reason(e)
+        if "global" in reason.lower():  # a class or function: what a code-running pickle needs
+            raise CheckpointError(f"{path}: refused, it holds more than weights ({reason})") from None
+        raise CheckpointError(f"{path}: not a readable checkpoint, truncated or corrupt ({reason})") from None
+    except Exception as e:  # garbage makes the unpickler fail in many ways (KeyError, struct.error, ...)
+        first = f"{type(e).__name__}: {str(e).strip().splitlines()[0]}" if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path}: not a readable checkpoint, truncated or corrupt ({first})") from None
     if not isinstance(state, dict) or "model_state" not in state or "model" not in state:
         raise CheckpointError(f"{path}: not a tinycifar checkpoint (no model name or weights)")
     version = state.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise CheckpointError(f"{path}: not a tinycifar checkpoint (format version {version!r})")
+    if version > FORMAT_VERSION:
         raise CheckpointError(
-            f"{path}: checkpoint format {version!r} is newer than this tinycifar reads ({FORMAT_VERSION}); upgrade tinycifar"
+            f"{path}: checkpoint format {version!r} is newer than this tinycifar reads ({FORMAT_VERSION}); "
+            "upgrade tinycifar"
         )
     return state
+
+
+def _unpickling_reason(e: Exception) -> str:
+    """What torch's weights-only unpickler found, without its advice on how to load the file anyway."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    for ln in lines:
+        found = re.search(r"GLOBAL [\w.]+", ln)
+        if found:
+            return f"unsupported {found.group(0)}"
+    for ln in lines:
+        detail = ln.partition("WeightsUnpickler error:")[2].strip()
+        if detail:
+            return detail
+    boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation", "In PyTorch", "(")
+    reasons = [ln for ln in lines if not ln.startswith(boilerplate)]
+    return (reasons or [type(e).__name__])[0]
 
 
 def model_from_checkpoint(state: dict[str, Any], path: str | Path = "checkpoint") -> nn.Module:
     """Rebuild the named network and load its weights (EMA weights when the run kept them)."""
     try:
         model = create_model(state["model"], **state.get("model_kwargs", {}))
-    except ValueError as e:
+    except (ValueError, TypeError) as e:
         raise CheckpointError(f"{path}: {e}") from None
     weights = state.get("ema_state") or state["model_state"]
     try:
         model.load_state_dict(weights)
-    except RuntimeError as e:
+    except (RuntimeError, TypeError, AttributeError, KeyError) as e:
         detail = str(e).splitlines()[0]
         raise CheckpointError(f"{path}: weights do not fit network {state['model']!r} ({detail})") from None
     return model

@@ -17,6 +17,24 @@ from .config import PRESETS, ConfigError, load_config_file, parse_assignment, re
 from .data import DatasetError
 
 EXIT_BAD_INPUT = 2
+EXIT_TRAINING_FAILED = 1
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """Usage mistakes end like every other bad input: one line on stderr, exit code 2."""
+
+    def error(self, message: str):
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
 
 
 def _add_train_options(p: argparse.ArgumentParser) -> None:
@@ -89,7 +107,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         file_values = load_config_file(args.config) if args.config else None
         cfg = resolve_config(args.preset, file_values, overrides)
     result = train(cfg)
-    if cfg.report:
+    if cfg.report and result.is_main:
         from .report import write_report
 
         page = write_report(result.run_dir)
@@ -118,16 +136,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(json.dumps({"checkpoint": str(args.checkpoint), "model": state["model"], "tta": args.tta,
                           "precision": precision, "accuracy": result.accuracy, "loss": result.loss,
                           "correct": result.correct, "total": result.total,
-                          "per_class": dict(zip(CLASSES, result.per_class)),
+                          "per_class": dict(zip(CLASSES, result.per_class, strict=True)),
                           "confusion": result.confusion.tolist()}, indent=2))
         return 0
     print(result.line())
     print("\nper-class accuracy:")
-    for name, acc in zip(CLASSES, result.per_class):
+    for name, acc in zip(CLASSES, result.per_class, strict=True):
         print(f"  {name:<11}{acc:6.2f}%")
     print("\nconfusion matrix (rows: true class, columns: predicted):")
     print("            " + "".join(f"{c[:5]:>6}" for c in CLASSES))
-    for name, row in zip(CLASSES, result.confusion.tolist()):
+    for name, row in zip(CLASSES, result.confusion.tolist(), strict=True):
         print(f"  {name:<10}" + "".join(f"{v:>6}" for v in row))
     return 0
 
@@ -177,13 +195,47 @@ def cmd_download(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    try:
+        page = write_report(args.run_dir, data=args.data)
+    except OSError as e:
+        raise ConfigError(f"{args.run_dir}: cannot write the report ({e.strerror or e})") from None
+    print(f"report: {page}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from .data import CLASSES
+    from .predict import run
+
+    if not 1 <= args.top_k <= len(CLASSES):
+        raise ConfigError(f"--top-k: expected 1 to {len(CLASSES)}, got {args.top_k}")
+    return run(args.checkpoint, args.inputs, top_k=args.top_k, as_json=args.json)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_checkpoint
+
+    fmt = "onnx-int8" if args.int8 else args.format
+    if args.int8 and args.format != "onnx":
+        raise ConfigError(f"--int8: applies to --format onnx, not {args.format}")
+    try:
+        out = export_checkpoint(args.checkpoint, args.out, fmt, data=args.data, calibration_count=args.calibration)
+    except OSError as e:
+        raise ConfigError(f"--out {args.out}: cannot write ({e.strerror or e})") from None
+    print(f"exported {fmt} to {out} (input: float RGB 0..1, NCHW, any batch size; output: logits)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     import os
 
     from .data import URL
     from .evaluate import TTA_MODES
 
-    parser = argparse.ArgumentParser(prog="tinycifar", description="Fast compact CIFAR-10 networks.")
+    parser = OneLineErrorParser(prog="tinycifar", description="Fast compact CIFAR-10 networks.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a network")
@@ -196,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tta", choices=TTA_MODES, default="none")
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="fp32", choices=("auto", "bf16", "fp16", "fp32"))
-    p.add_argument("--batch-size", type=int, default=1000)
+    p.add_argument("--batch-size", type=positive_int, default=1000)
     p.add_argument("--allow-modified", action="store_true")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval)
@@ -215,10 +267,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--url", default=URL, help="archive URL (a mirror may be given)")
     p.add_argument("--no-md5", action="store_true", help="skip the archive checksum (mirrors of modified copies)")
     p.set_defaults(func=cmd_download)
+
+    p = sub.add_parser("report", help="write figures and a self-contained HTML report of a run")
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    p.add_argument("--data", default=None,
+                   help="CIFAR-10 folder (default: the run's own, else $CIFAR10_ROOT; synthetic runs need none)")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("predict", help="classify image files or folders of images")
+    p.add_argument("--checkpoint", required=True, type=Path)
+    p.add_argument("--top-k", type=int, default=3, help="classes shown per image (default: 3)")
+    p.add_argument("--json", action="store_true", help="print a JSON list instead of one line per image")
+    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("export", help="export a checkpoint to ONNX (fp32 or int8) or TorchScript")
+    p.add_argument("--checkpoint", required=True, type=Path)
+    p.add_argument("--format", choices=("onnx", "onnx-int8", "torchscript"), default="onnx")
+    p.add_argument("--int8", action="store_true", help="same as --format onnx-int8")
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--data", default=None,
+                   help="CIFAR-10 folder for int8 calibration (default: the run's own, else $CIFAR10_ROOT)")
+    p.add_argument("--calibration", type=positive_int, default=512, help="int8 calibration images (default: 512)")
+    p.set_defaults(func=cmd_export)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .train import TrainingError
+
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -226,6 +303,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DatasetError, CheckpointError) as e:
         print(f"tinycifar {args.command}: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except TrainingError as e:  # the run started but cannot go on (non-finite loss, disk full)
+        print(f"tinycifar {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_TRAINING_FAILED
     except KeyboardInterrupt:
         print(f"tinycifar {args.command}: interrupted", file=sys.stderr)
         return 130

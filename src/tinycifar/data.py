@@ -9,11 +9,13 @@ shape, dtype, count or label) raises ``DatasetError`` naming that file.
 from __future__ import annotations
 
 import hashlib
+import http.client
 import io
 import os
 import pickle
 import tarfile
 import tempfile
+import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,7 +91,9 @@ def safe_load_batch(path: Path) -> dict:
         raise DatasetError(f"{path}: file is missing") from None
     except pickle.UnpicklingError as e:
         raise DatasetError(f"{path}: not a safe CIFAR-10 batch ({e})") from None
-    except (EOFError, ValueError, TypeError, IndexError, AttributeError, KeyError, OverflowError) as e:
+    except OSError as e:
+        raise DatasetError(f"{path}: cannot read ({e.strerror or e})") from None
+    except Exception as e:  # damaged bytes fail in many ways: EOFError, KeyError, MemoryError (a huge frame size)...
         raise DatasetError(f"{path}: truncated or corrupt pickle ({type(e).__name__}: {e})") from None
     if not isinstance(obj, dict):
         raise DatasetError(f"{path}: expected a dict, found {type(obj).__name__}")
@@ -155,7 +159,9 @@ def read_bin_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     except FileNotFoundError:
         raise DatasetError(f"{path}: file is missing") from None
     if raw.size % RECORD_BYTES:
-        raise DatasetError(f"{path}: {raw.size} bytes is not a whole number of {RECORD_BYTES}-byte records (truncated?)")
+        raise DatasetError(
+            f"{path}: {raw.size} bytes is not a whole number of {RECORD_BYTES}-byte records (truncated?)"
+        )
     records = raw.reshape(-1, RECORD_BYTES)
     labels = records[:, 0].astype(np.int64)
     check_labels(labels, path)
@@ -269,14 +275,19 @@ def download_cifar10(root: str | Path, url: str = URL, md5: str | None = ARCHIVE
             try:
                 response = urllib.request.urlopen(url, timeout=timeout)
             except OSError as e:
+                if isinstance(e, urllib.error.HTTPError):
+                    e.close()  # it holds the open connection
                 raise DatasetError(f"{url}: download failed ({e})") from None
             with response:
                 total = int(response.headers.get("Content-Length") or 0) or None
                 with tqdm(total=total, unit="B", unit_scale=True, desc=f"download {ARCHIVE_NAME}",
                           disable=not progress) as bar:
-                    while block := response.read(1 << 20):
-                        out.write(block)
-                        bar.update(len(block))
+                    try:
+                        while block := response.read(1 << 20):
+                            out.write(block)
+                            bar.update(len(block))
+                    except (OSError, http.client.HTTPException) as e:  # stalled, reset or cut short
+                        raise DatasetError(f"{url}: download failed after {out.tell()} bytes ({e!r})") from None
             if total is not None and out.tell() != total:
                 raise DatasetError(f"{url}: download ended after {out.tell()} of {total} bytes")
         extract_archive(tmp, root, md5=md5)
@@ -316,6 +327,8 @@ def save_py_batch(path: Path, images: torch.Tensor, labels: torch.Tensor) -> Non
     raw = {b"batch_label": b"tinycifar", b"labels": labels.tolist(),
            b"data": images.reshape(len(labels), -1).numpy(), b"filenames": [b"x.png"] * len(labels)}
     buf = io.BytesIO()
-    pickle.dump(raw, buf, protocol=2)
+    # Protocol 4, not the originals' 2: from Python 3, protocol 2 pickles bytes through
+    # _codecs.encode, a global SafeUnpickler refuses, so safe_load_batch could not read them.
+    pickle.dump(raw, buf, protocol=4)
     path.write_bytes(buf.getvalue())
 

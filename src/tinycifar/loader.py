@@ -88,7 +88,7 @@ class DeviceLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order = self.indices()
-        gen = epoch_generator(self.seed, self.epoch, self.device, stream=1)
+        gen = epoch_generator(self.seed, self.epoch, self.device, stream=1 + self.rank)  # own draws per rank
         stop = len(order) - len(order) % self.batch_size if self.drop_last else len(order)
         for start in range(0, stop, self.batch_size):
             idx = order[start : start + self.batch_size]

@@ -143,3 +143,52 @@ def era9(num_classes: int = 10, dropout: float = 0.05) -> Net:
         ),
     )
     return Net(features, ClassifierHead(128, num_classes))
+
+
+@register_model("fastnet")
+def fastnet(num_classes: int = 10, widths: tuple[int, int, int] = (32, 64, 96), dropout: float = 0.0) -> Net:
+    """Speed-first network: downsamples at once, residual blocks at 16x16 and 8x8.
+
+    Half of era9's multiply-accumulates at 32x32 go away; residual connections keep the
+    early epochs steep, which is what time-to-accuracy rewards.
+    """
+    c1, c2, c3 = widths
+    features = nn.Sequential(
+        nn.Sequential(  # C1: 32x32 -> 16x16
+            ConvBNAct(3, c1),
+            ConvBNAct(c1, c2, stride=2),
+        ),
+        nn.Sequential(  # C2: 16x16 -> 8x8
+            Residual(DepthwiseSeparable(c2, c2)),
+            ConvBNAct(c2, c3, stride=2, dropout=dropout),
+        ),
+        nn.Sequential(  # C3: 8x8, dilated
+            Residual(ConvBNAct(c3, c3, dilation=2)),
+        ),
+        nn.Sequential(  # C4: 8x8, dilated depthwise-separable
+            DepthwiseSeparable(c3, 128, dilation=3),
+        ),
+    )
+    return Net(features, ClassifierHead(128, num_classes))
+
+
+@torch.no_grad()
+def init_whitening(conv: nn.Conv2d, images: torch.Tensor, eps: float = 5e-4) -> None:
+    """Set ``conv``'s filters to the whitening basis of the images' patches (airbench's trick).
+
+    Each filter projects a patch onto one principal direction scaled by 1/sqrt(variance);
+    filters come in +/- pairs so a following ReLU keeps both signs. The first layer then
+    starts decorrelated instead of random, which makes the first epochs count more.
+    ``images``: a sample of normalized training images (N, C, H, W).
+    """
+    k, cin, cout = conv.kernel_size[0], conv.in_channels, conv.out_channels
+    if conv.groups != 1 or cout % 2 or cout // 2 > cin * k * k:
+        raise ValueError(f"whitening needs an ungrouped conv with an even number of at most {2 * cin * k * k} filters")
+    patches = images.float().unfold(2, k, 1).unfold(3, k, 1)  # N, C, H', W', k, k
+    patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, cin * k * k)
+    patches = patches - patches.mean(0)
+    cov = patches.T @ patches / len(patches)
+    eigvals, eigvecs = torch.linalg.eigh(cov)  # ascending
+    top = eigvecs[:, -(cout // 2):].T / torch.sqrt(eigvals[-(cout // 2):, None] + eps)
+    filters = top.reshape(-1, cin, k, k)
+    conv.weight.copy_(torch.cat([filters, -filters]).to(conv.weight.dtype))

@@ -18,6 +18,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,12 +31,14 @@ from tqdm import tqdm
 
 from .checkpoint import CheckpointError, atomic_write_bytes, load_checkpoint, save_checkpoint
 from .config import ConfigError, TrainConfig
-from .data import Split, load_cifar10, synthetic_cifar10
-from .evaluate import EvalResult, autocast_context, evaluate
+from .data import DatasetError, Split, load_cifar10, synthetic_cifar10
+from .evaluate import autocast_context, evaluate
 from .loader import DeviceLoader, channel_stats
 from .models import count_params, create_model
 
-METRIC_FIELDS = ["epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "seconds", "train_seconds_total"]
+METRIC_FIELDS = [
+    "epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "seconds", "train_seconds_total", "eval_seconds",
+]
 
 
 class TrainingError(RuntimeError):
@@ -48,7 +51,10 @@ class TrainingError(RuntimeError):
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device {name}: CUDA is not available on this machine")
     return device
@@ -74,6 +80,7 @@ class DistEnv:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    owns_group: bool = False  # this call created the process group, so it destroys it at the end
 
     @property
     def is_main(self) -> bool:
@@ -91,7 +98,47 @@ def init_distributed(device_name: str) -> DistEnv:
         torch.cuda.set_device(env.local_rank)
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        env.owns_group = True
     return env
+
+
+_SHARED_ERRORS = (ConfigError, DatasetError, CheckpointError)
+
+
+def rank0_first(env: DistEnv, fn: Callable[[], Any], share: bool = False) -> Any:
+    """Run ``fn`` on rank 0, then on the other ranks (or hand them rank 0's result when ``share``).
+
+    A bad-input error on rank 0 is raised on every rank, so no rank waits for a partner that
+    has already given up; rank 0 going first also keeps ranks from downloading side by side.
+    """
+    if env.world_size == 1:
+        return fn()
+    result, failure = None, None
+    if env.is_main:
+        try:
+            result = fn()
+        except _SHARED_ERRORS as e:
+            failure = e
+    box = [None if failure is None else (type(failure).__name__, str(failure)), result if share else None]
+    dist.broadcast_object_list(box, src=0)
+    if failure is not None:
+        raise failure
+    if box[0] is not None:
+        kind, message = box[0]
+        raise next(c for c in _SHARED_ERRORS if c.__name__ == kind)(message)
+    if env.is_main:
+        return result
+    return box[1] if share else fn()
+
+
+@torch.no_grad()
+def sync_buffers(env: DistEnv, *modules: nn.Module) -> None:
+    """Give every rank rank 0's buffers (batch-norm statistics drift apart between DDP forwards),
+    so all ranks evaluate the very network that rank 0 saves."""
+    if env.world_size > 1:
+        for module in modules:
+            for buf in module.buffers():
+                dist.broadcast(buf, src=0)
 
 
 # ---------------------------------------------------------------------------- optimisation
@@ -191,6 +238,9 @@ def prepare_run_dir(cfg: TrainConfig) -> Path:
         probe = run_dir / ".write-test"
         probe.write_bytes(b"")
         probe.unlink()
+        if cfg.resume:  # half-written files of a killed run (atomic_write_bytes' temporaries)
+            for stale in run_dir.glob(".*.tmp"):
+                stale.unlink()
     except OSError as e:
         raise ConfigError(f"--out {run_dir}: run folder is not writable ({e.strerror})") from None
     return run_dir
@@ -213,6 +263,7 @@ class RunResult:
     run_dir: Path
     summary: dict[str, Any]
     history: list[dict[str, Any]] = field(default_factory=list)
+    is_main: bool = True  # False on the other ranks under torchrun: they write nothing
 
 
 def model_kwargs(cfg: TrainConfig) -> dict[str, Any]:
@@ -222,6 +273,14 @@ def model_kwargs(cfg: TrainConfig) -> dict[str, Any]:
 def train(cfg: TrainConfig, data: tuple[Split, Split] | None = None) -> RunResult:
     """Train as ``cfg`` says; returns the run folder and its summary."""
     env = init_distributed(cfg.device)
+    try:
+        return _train(cfg, env, data)
+    finally:
+        if env.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(cfg: TrainConfig, env: DistEnv, data: tuple[Split, Split] | None) -> RunResult:
     device = resolve_device(cfg.device)
     if device.type == "cuda" and env.world_size > 1:
         device = torch.device("cuda", env.local_rank)
@@ -232,12 +291,13 @@ def train(cfg: TrainConfig, data: tuple[Split, Split] | None = None) -> RunResul
         raise ConfigError(f"--batch-size {cfg.batch_size}: must be divisible by the {env.world_size} processes")
     quiet = cfg.quiet or not env.is_main
 
-    run_dir = prepare_run_dir(cfg) if env.is_main else Path(cfg.out or ".")
+    # Rank 0 checks and creates the run folder; every rank gets its path (the default one is
+    # timestamped) and reads the resume checkpoint from it before rank 0 can overwrite it
+    # (that happens only after the collectives of a whole epoch).
+    run_dir = rank0_first(env, lambda: prepare_run_dir(cfg), share=True)
     resume_state = load_checkpoint(run_dir / "last.pt") if cfg.resume else None
-    if resume_state is not None and env.world_size > 1:
-        dist.barrier()
 
-    train_split, test_split = data if data is not None else load_data(cfg, quiet)
+    train_split, test_split = data if data is not None else rank0_first(env, lambda: load_data(cfg, quiet))
     mean, std = channel_stats(train_split.images)
     torch.manual_seed(cfg.seed)
     model = create_model(cfg.model, **model_kwargs(cfg)).to(device)
@@ -269,6 +329,7 @@ def train(cfg: TrainConfig, data: tuple[Split, Split] | None = None) -> RunResul
         start_epoch = int(resume_state["epoch"])
         train_seconds = float(history[-1]["train_seconds_total"]) if history else 0.0
         best_acc = max((h["test_acc"] for h in history), default=-1.0)
+    saved_epoch = start_epoch  # epoch of the newest last.pt on disk
 
     net = model
     if env.world_size > 1:
@@ -279,10 +340,15 @@ def train(cfg: TrainConfig, data: tuple[Split, Split] | None = None) -> RunResul
     eval_model = ema.module if ema is not None else model
 
     if env.is_main:
-        write_json(run_dir / "config.json", {**cfg.to_dict(), "resolved": {
-            "device": str(device), "precision": precision, "world_size": env.world_size,
-            "per_rank_batch": per_rank_batch, "steps_per_epoch": steps_per_epoch, "params": params,
-            "mean": mean, "std": std, "torch": torch.__version__}})
+        try:
+            write_json(run_dir / "config.json", {**cfg.to_dict(), "resolved": {
+                "device": str(device), "precision": precision, "world_size": env.world_size,
+                "per_rank_batch": per_rank_batch, "steps_per_epoch": steps_per_epoch, "params": params,
+                "mean": mean, "std": std, "torch": torch.__version__}})
+            if resume_state is not None:  # a kill between last.pt and metrics.csv leaves the csv behind
+                write_metrics_csv(run_dir / "metrics.csv", history)
+        except OSError as e:
+            raise TrainingError(f"cannot write to {run_dir} ({e.strerror or e}); no epoch was run") from None
     if not quiet:
         print(f"tinycifar: {cfg.model} ({params:,} parameters), {len(train_split):,} train / "
               f"{len(test_split):,} test images, {device} {precision}, batch {cfg.batch_size}, "
@@ -302,7 +368,8 @@ def train(cfg: TrainConfig, data: tuple[Split, Split] | None = None) -> RunResul
     stop_reason = ""
     for epoch in range(start_epoch, cfg.epochs):
         train_loader.set_epoch(epoch)
-        torch.manual_seed(cfg.seed * 1_000_003 + epoch)  # dropout stream, reproducible on resume
+        # dropout stream: reproducible on resume, and its own on each rank
+        torch.manual_seed(cfg.seed * 1_000_003 + epoch + 7919 * env.rank)
         model.train()
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
@@ -341,25 +408,35 @@ def train(cfg: TrainConfig, data: tuple[Split, Split] | None = None) -> RunResul
             dist.all_reduce(totals)
         train_loss, train_acc = (totals[0] / totals[2]).item(), (100 * totals[1] / totals[2]).item()
         if not math.isfinite(train_loss):
-            raise TrainingError(
-                f"epoch {epoch + 1}: training loss is {train_loss}; stopped. The last good checkpoint is "
-                f"{run_dir / 'last.pt'} (epoch {start_epoch if not history else history[-1]['epoch']}); "
-                "lower --lr or set a --grad-clip")
+            good = (f"the last good checkpoint is {run_dir / 'last.pt'} (epoch {saved_epoch})" if saved_epoch
+                    else "no checkpoint was written yet")
+            raise TrainingError(f"epoch {epoch + 1}: training loss is {train_loss}; stopped, {good}; "
+                                "lower --lr or set a --grad-clip")
         train_seconds += epoch_seconds
+        t_eval = time.perf_counter()
+        sync_buffers(env, model, *([ema.module] if ema is not None else []))
         result = evaluate(eval_model, test_loader, precision)
+        eval_seconds = time.perf_counter() - t_eval
         row = {"epoch": epoch + 1, "lr": lr, "train_loss": round(train_loss, 6), "train_acc": round(train_acc, 4),
                "test_loss": round(result.loss, 6), "test_acc": round(result.accuracy, 4),
-               "seconds": round(epoch_seconds, 3), "train_seconds_total": round(train_seconds, 3)}
+               "seconds": round(epoch_seconds, 3), "train_seconds_total": round(train_seconds, 3),
+               "eval_seconds": round(eval_seconds, 3)}
         history.append(row)
         if not quiet:
             print(f"\n{result.line()}\n")
         if env.is_main:
             state = checkpoint_state(epoch + 1)
-            if result.accuracy > best_acc:
-                best_acc = result.accuracy
-                save_checkpoint(run_dir / "best.pt", state)
-            save_checkpoint(run_dir / "last.pt", state)
-            write_metrics_csv(run_dir / "metrics.csv", history)
+            try:
+                if result.accuracy > best_acc:
+                    save_checkpoint(run_dir / "best.pt", state)
+                    best_acc = result.accuracy
+                save_checkpoint(run_dir / "last.pt", state)
+                saved_epoch = epoch + 1
+                write_metrics_csv(run_dir / "metrics.csv", history)
+            except OSError as e:  # disk full, folder gone: the atomic writes left the old files whole
+                raise TrainingError(
+                    f"epoch {epoch + 1}: cannot write to {run_dir} ({e.strerror or e}); the previous checkpoint "
+                    f"{run_dir / 'last.pt'} (epoch {saved_epoch}) is intact; make room, then --resume") from None
         if cfg.target_acc and result.accuracy >= cfg.target_acc:
             stop_reason = f"reached --target-acc {cfg.target_acc}% at epoch {epoch + 1}"
             break
@@ -370,11 +447,16 @@ def train(cfg: TrainConfig, data: tuple[Split, Split] | None = None) -> RunResul
         tta_result = evaluate(eval_model, test_loader, precision, tta="flip+translate")
         summary["final_acc_tta"] = round(tta_result.accuracy, 4)
     if env.is_main:
-        write_json(run_dir / "summary.json", summary)
+        try:
+            write_json(run_dir / "summary.json", summary)
+        except OSError as e:
+            raise TrainingError(f"cannot write {run_dir / 'summary.json'} ({e.strerror or e}); training finished "
+                                f"and {run_dir / 'last.pt'} (epoch {saved_epoch}) is intact; --resume writes the "
+                                "summary") from None
     if not quiet:
         print(summary_line(summary))
         print(f"run folder: {run_dir}")
-    return RunResult(run_dir, summary, history)
+    return RunResult(run_dir, summary, history, env.is_main)
 
 
 def build_summary(cfg: TrainConfig, history: list[dict[str, Any]], params: int, precision: str,
@@ -414,6 +496,10 @@ def resume_config(run_dir: Path, overrides: dict[str, Any]) -> TrainConfig:
         state = load_checkpoint(run_dir / "last.pt")
     except CheckpointError as e:
         raise ConfigError(f"--resume: {e}") from None
+    missing = {"config", "epoch", "history", "optimizer_state"} - set(state)
+    if missing or not isinstance(state["config"], dict):
+        raise ConfigError(f"--resume: {run_dir / 'last.pt'} is not a resumable training checkpoint "
+                          f"(missing {', '.join(sorted(missing)) or 'config'})")
     saved = dict(state["config"])
     cfg = _merge(TrainConfig(), saved, f"{run_dir / 'last.pt'}")
     allowed = {"quiet", "report", "device", "threads", "resume", "out", "data", "download"}

@@ -1,0 +1,155 @@
+"""Inference speed on the CPU, and what int8 quantization costs in accuracy.
+
+Images per second at each batch size for four engines running the same checkpoint:
+PyTorch eager fp32, PyTorch eager under bf16 autocast, ONNX Runtime fp32 and ONNX Runtime
+int8 (static QDQ, per-channel; see tinycifar.export). Inputs are float RGB 0..1 with the
+normalization inside every model, as ``tinycifar predict`` and the exported files use them.
+Each cell is the best of ``--repeats`` timed windows of at least ``--seconds``, so a
+neighbour's burst of CPU use costs less; the load average at the start is recorded too.
+
+With ``--accuracy`` the three fp32/int8 engines (and bf16) also classify the whole test set
+and the report gives the int8 drop against fp32 and how often the two disagree.
+
+    python benchmarks/inference.py --checkpoint runs/seed-ref/best.pt --accuracy
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import command_line, machine_info, markdown_table  # noqa: E402
+
+from tinycifar.export import calibration_images, export_onnx, quantize_int8  # noqa: E402
+from tinycifar.inference import load_inference_model, run_split, to_unit_float  # noqa: E402
+
+Runner = Callable[[np.ndarray], np.ndarray]  # float32 NCHW 0..1 -> logits
+
+
+def torch_runner(model: torch.nn.Module, bf16: bool) -> Runner:
+    def run(x: np.ndarray) -> np.ndarray:
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+        with torch.inference_mode(), autocast:
+            return model(torch.from_numpy(x)).float().numpy()
+
+    return run
+
+
+def ort_runner(path: Path, threads: int) -> Runner:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return lambda x: session.run(None, {name: x})[0]
+
+
+def images_per_second(run: Runner, batch: int, seconds: float, repeats: int) -> float:
+    """Best of ``repeats`` windows, each at least ``seconds`` long and at least 3 calls."""
+    x = np.random.default_rng(0).random((batch, 3, 32, 32), dtype=np.float32)
+    for _ in range(3):  # warm-up: allocations, kernel selection, lazy initialisation
+        run(x)
+    best = 0.0
+    for _ in range(repeats):
+        calls, start = 0, time.perf_counter()
+        while calls < 3 or time.perf_counter() - start < seconds:
+            run(x)
+            calls += 1
+        best = max(best, calls * batch / (time.perf_counter() - start))
+    return best
+
+
+def predictions(run: Runner, images: torch.Tensor, batch: int = 500) -> np.ndarray:
+    """Predicted class of every image (uint8 NCHW)."""
+    preds = [run(to_unit_float(images[i : i + batch]).numpy()).argmax(1) for i in range(0, len(images), batch)]
+    return np.concatenate(preds)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", required=True, type=Path)
+    ap.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 256])
+    ap.add_argument("--seconds", type=float, default=3.0, help="length of one timed window")
+    ap.add_argument("--repeats", type=int, default=3, help="timed windows per cell; the best counts")
+    ap.add_argument("--threads", type=int, default=0, help="threads for PyTorch and ONNX Runtime (0: torch's default)")
+    ap.add_argument("--accuracy", action="store_true", help="also measure test accuracy, fp32 against int8")
+    ap.add_argument("--limit", type=int, default=0, help="test images for --accuracy (0: all)")
+    ap.add_argument("--data", default=None, help="CIFAR-10 folder (default: the run's own, else $CIFAR10_ROOT)")
+    ap.add_argument("--calibration", type=int, default=512, help="int8 calibration images")
+    ap.add_argument("--out", default="benchmarks/inference", help="writes OUT.md and OUT.json")
+    args = ap.parse_args()
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()
+    model, state = load_inference_model(args.checkpoint)
+    load_before = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32_path, int8_path = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
+        export_onnx(model, fp32_path)
+        quantize_int8(fp32_path, int8_path, calibration_images(state["config"], args.calibration, args.data))
+        engines = {"pytorch-fp32": torch_runner(model, bf16=False), "pytorch-bf16": torch_runner(model, bf16=True),
+                   "ort-fp32": ort_runner(fp32_path, threads), "ort-int8": ort_runner(int8_path, threads)}
+        speed = []
+        for name, run in engines.items():
+            row = {"engine": name}
+            for b in args.batch_sizes:
+                row[f"batch {b} (images/s)"] = round(images_per_second(run, b, args.seconds, args.repeats), 1)
+                print(f"{name} batch {b}: {row[f'batch {b} (images/s)']:,.1f} images/s", flush=True)
+            speed.append(row)
+
+        acc_rows = []
+        if args.accuracy:
+            test = run_split(state["config"], train=False, data=args.data)
+            count = args.limit or len(test)
+            images, labels = test.images[:count], test.labels[:count]
+            preds = {name: predictions(run, images) for name, run in engines.items()}
+            truth, reference = labels.numpy(), preds["pytorch-fp32"]
+            base = 100 * float((reference == truth).mean())
+            for name, p in preds.items():
+                acc, differ = 100 * float((p == truth).mean()), 100 * float((p != reference).mean())
+                acc_rows.append({"engine": name, "test accuracy (%)": round(acc, 2),
+                                 "change vs pytorch-fp32 (points)": round(acc - base, 2),
+                                 "predictions differing from pytorch-fp32 (%)": round(differ, 2)})
+                print(f"{name}: {acc:.2f}% on {len(truth):,} test images", flush=True)
+
+    info = machine_info() | {"onnxruntime": ort.__version__, "onnx": onnx.__version__, "threads": threads,
+                             "load_average_1min_at_start": round(load_before, 2),
+                             "load_average_1min_at_end": round(os.getloadavg()[0], 2)}
+    report = {"command": command_line(), "machine": info, "checkpoint": str(args.checkpoint),
+              "model": state["model"], "epoch": state.get("epoch"), "speed": speed, "accuracy": acc_rows}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    speed_cols = ["engine"] + [f"batch {b} (images/s)" for b in args.batch_sizes]
+    md = ["# Inference benchmark", "", f"Command: `{report['command']}`", "",
+          f"Checkpoint: `{args.checkpoint}` ({state['model']}, epoch {state.get('epoch')})", "",
+          "Machine:", "", *(f"- {k}: {v}" for k, v in info.items()), "",
+          "## Images per second", "", markdown_table(speed, speed_cols), "",
+          f"Best of {args.repeats} windows of at least {args.seconds:g} s, random 0..1 inputs. "
+          "The load average shows whether other work shared the CPU."]
+    if acc_rows:
+        md += ["", f"## Test accuracy ({len(labels):,} images)", "",
+               markdown_table(acc_rows, list(acc_rows[0])), "",
+               f"int8: ONNX Runtime static QDQ quantization, per-channel weights, calibrated on "
+               f"{args.calibration} training images."]
+    out.with_suffix(".md").write_text("\n".join(md) + "\n")
+    print(f"wrote {out.with_suffix('.md')} and {out.with_suffix('.json')}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""Export a checkpoint for deployment: ONNX (fp32 or int8) or TorchScript.
+
+Every exported model includes normalization: its input is float RGB in 0..1, NCHW, any
+batch size (input name ``image``, output ``logits``), exactly what ``tinycifar predict``
+feeds its PyTorch model. A user decodes an image, divides by 255 and runs it.
+
+int8 is onnxruntime's static post-training quantization in QDQ form, per-channel
+weights, calibrated on a fixed random sample of the run's training images (min/max of
+each activation). The calibration images are the training split the checkpoint was
+trained on (synthetic runs regenerate theirs).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import ConfigError
+from .inference import NormalizedNet, load_inference_model, run_split, to_unit_float
+
+FORMATS = ("onnx", "onnx-int8", "torchscript")
+OPSET = 18
+INPUT_NAME, OUTPUT_NAME = "image", "logits"
+
+
+@contextlib.contextmanager
+def _quiet():
+    """The exporters print progress and warn about optional packages; keep the CLI readable."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def export_onnx(model: NormalizedNet, out: str | Path) -> str:
+    """fp32 ONNX with a dynamic batch axis; returns which exporter produced it.
+
+    The torch.export-based (dynamo) exporter comes first; the TorchScript-based one is the
+    fallback for a torch where the first fails.
+    """
+    example = torch.rand(2, 3, 32, 32)
+    with _quiet():
+        try:
+            torch.onnx.export(model, (example,), str(out), dynamo=True, opset_version=OPSET,
+                              input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                              dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1)}},
+                              external_data=False, verbose=False)
+            return "dynamo"
+        except Exception:  # noqa: BLE001 - any failure of the new exporter means: try the old one
+            torch.onnx.export(model, (example,), str(out), dynamo=False, opset_version=OPSET,
+                              input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                              dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
+            return "torchscript-based"
+
+
+def export_torchscript(model: NormalizedNet, out: str | Path) -> None:
+    """Traced (the networks have no data-dependent control flow); load with ``torch.jit.load``."""
+    with _quiet():
+        traced = torch.jit.trace(model, torch.rand(2, 3, 32, 32))
+    traced.save(str(out))
+
+
+def calibration_images(config: dict, count: int = 512, data: str | Path | None = None,
+                       seed: int = 0) -> np.ndarray:
+    """A fixed random sample of the run's training images, float32 0..1 NCHW."""
+    split = run_split(config, train=True, data=data)
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(len(split), generator=g)[:count]
+    return to_unit_float(split.images[idx]).numpy()
+
+
+def quantize_int8(fp32_path: str | Path, out: str | Path, images: np.ndarray, batch: int = 64) -> None:
+    """Static QDQ int8 quantization, per-channel weights, min/max calibration on ``images``."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter([{INPUT_NAME: images[i : i + batch]} for i in range(0, len(images), batch)])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    with tempfile.TemporaryDirectory() as tmp, _quiet():
+        prepared = Path(tmp) / "prepared.onnx"
+        quant_pre_process(str(fp32_path), str(prepared))
+        quantize_static(str(prepared), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
+
+
+def export_checkpoint(checkpoint: str | Path, out: str | Path, fmt: str = "onnx", data: str | Path | None = None,
+                      calibration_count: int = 512) -> Path:
+    """Write ``checkpoint`` to ``out`` in format ``fmt`` (one of FORMATS); returns ``out``."""
+    if fmt not in FORMATS:
+        raise ConfigError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
+    model, state = load_inference_model(checkpoint)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if fmt == "torchscript":
+        export_torchscript(model, out)
+    elif fmt == "onnx":
+        export_onnx(model, out)
+    else:
+        images = calibration_images(state["config"], calibration_count, data)
+        with tempfile.TemporaryDirectory() as tmp:
+            fp32 = Path(tmp) / "fp32.onnx"
+            export_onnx(model, fp32)
+            quantize_int8(fp32, out, images)
+    return out

@@ -1,0 +1,460 @@
+"""The run report: ``tinycifar report RUN_DIR`` writes PNG figures and one self-contained HTML page.
+
+Figures: learning curves, the most confident mistakes, the confusion matrix, per-class
+accuracy, augmented training samples, and Grad-CAM maps of mistakes. The page embeds
+every image as base64 and loads nothing from elsewhere, so it opens offline and can be
+mailed as one file.
+
+Grad-CAM layer: the last module inside ``model.features`` whose output is still at least
+8x8, found by a dry forward pass with hooks. Later layers are deeper but their 4x4 maps
+give each cell a 8x8-pixel patch of a 32x32 image, too coarse to tell an object from its
+background. For era9 this is ``features.2.1``, C3's depthwise-separable block (96
+channels at 8x8), just before C3's strided convolution halves the map to 4x4.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import dataclasses
+import html
+import io
+import json
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+import matplotlib.cm
+import matplotlib.colors
+import numpy as np
+import torch
+import torch.nn.functional as F
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+from torch import nn
+
+from .augment import AugmentConfig, augment
+from .checkpoint import CheckpointError, atomic_write_bytes
+from .data import CLASSES
+from .inference import load_inference_model, run_split, to_unit_float
+
+MIN_CAM_SIZE = 8
+GALLERY = 24  # misclassified images shown
+CAM_IMAGES = 8
+STYLE = {"font.size": 11, "axes.titlesize": 12, "axes.labelsize": 11, "figure.titlesize": 14,
+         "axes.spines.top": False, "axes.spines.right": False}
+
+
+# ---------------------------------------------------------------------------- Grad-CAM
+
+
+@torch.no_grad()
+def find_gradcam_layer(net: nn.Module, min_size: int = MIN_CAM_SIZE, input_size: int = 32) -> tuple[str, tuple]:
+    """Name (relative to ``net``) and output shape (C, H, W) of the last ``net.features`` module
+    to finish with an output of at least ``min_size`` x ``min_size``.
+
+    "Last to finish" is the forward-hook order, so a block wins over its own last child:
+    the name is the block's, the tensor the same.
+    """
+    finished: list[tuple[str, tuple]] = []
+    hooks = [m.register_forward_hook(lambda _m, _i, out, name=name: finished.append((name, tuple(out.shape))))
+             for name, m in net.features.named_modules()]
+    was_training = net.training
+    net.eval()
+    try:
+        net(torch.zeros(1, 3, input_size, input_size))
+    finally:
+        net.train(was_training)
+        for h in hooks:
+            h.remove()
+    for name, shape in reversed(finished):
+        if len(shape) == 4 and min(shape[-2:]) >= min_size:
+            return ("features." + name).rstrip("."), shape[1:]
+    raise ValueError(f"no module in {type(net).__name__}.features has an output of at least {min_size}x{min_size}")
+
+
+def grad_cam(model: nn.Module, layer: nn.Module, x: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
+    """Grad-CAM (Selvaraju et al.) at ``layer``'s resolution: (N, H, W), non-negative.
+
+    ``model`` maps ``x`` to logits and runs ``layer`` on the way; ``target`` is the class
+    per image (default: the predicted one). Channel weights are the spatially averaged
+    gradients of the class score; the map is ReLU(sum of weighted activations).
+    """
+    acts: list[torch.Tensor] = []
+
+    def keep(_m, _inputs, out):
+        acts.append(out)
+        return out.clone()  # later in-place ops (ReLU(inplace=True)) must not alter what we differentiate
+
+    handle = layer.register_forward_hook(keep)
+    try:
+        with torch.enable_grad():
+            logits = model(x)
+            target = logits.argmax(1) if target is None else target
+            score = logits.gather(1, target.view(-1, 1)).sum()
+            (grad,) = torch.autograd.grad(score, acts[0])
+    finally:
+        handle.remove()
+    weights = grad.mean((2, 3), keepdim=True)
+    return (weights * acts[0]).sum(1).clamp(min=0).detach()
+
+
+def upsample_cam(cam: torch.Tensor, size: int = 32) -> torch.Tensor:
+    """Bilinear to the image size, each map scaled to 0..1 (all-zero maps stay zero)."""
+    up = F.interpolate(cam[:, None], size=(size, size), mode="bilinear", align_corners=False)[:, 0]
+    peak = up.flatten(1).max(1).values.clamp(min=1e-12).view(-1, 1, 1)
+    return up / peak
+
+
+# ---------------------------------------------------------------------------- run folder
+
+
+def read_history(run_dir: Path, state: dict[str, Any]) -> list[dict[str, float]]:
+    """Per-epoch metrics: metrics.csv (covers every finished epoch), else the checkpoint's copy."""
+    path = run_dir / "metrics.csv"
+    if path.is_file():
+        with open(path, newline="") as f:
+            return [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(f)]
+    return [dict(row) for row in state.get("history", [])]
+
+
+def run_precision(run_dir: Path) -> str | None:
+    """The precision training resolved to (config.json), which may make its test numbers differ slightly."""
+    try:
+        return json.loads((run_dir / "config.json").read_text())["resolved"]["precision"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def layer_reason(layer: str) -> str:
+    if layer == "features":
+        return f"the final feature map, already at least {MIN_CAM_SIZE}x{MIN_CAM_SIZE}, the usual Grad-CAM layer."
+    return (f"the last layer of <code>features</code> whose map is still at least {MIN_CAM_SIZE}x{MIN_CAM_SIZE}. "
+            "The layers after it have smaller maps, where one cell covers too large a patch of the 32x32 image "
+            "to separate an object from its background.")
+
+
+def pick_checkpoint(run_dir: Path) -> Path:
+    for name in ("best.pt", "last.pt"):
+        if (run_dir / name).is_file():
+            return run_dir / name
+    raise CheckpointError(f"{run_dir}: no best.pt or last.pt; is this a run folder?")
+
+
+@torch.no_grad()
+def test_probabilities(model: nn.Module, images: torch.Tensor, batch: int = 500) -> torch.Tensor:
+    return torch.cat([model(to_unit_float(images[i : i + batch])).softmax(1) for i in range(0, len(images), batch)])
+
+
+def aug_config(config: dict[str, Any]) -> AugmentConfig:
+    known = {f.name for f in dataclasses.fields(AugmentConfig)}
+    return AugmentConfig(**{k: v for k, v in config.get("aug", {}).items() if k in known})
+
+
+def describe_policy(aug: AugmentConfig) -> str:
+    if aug.policy == "seed":
+        return (f"horizontal flip (p={aug.flip:g}), shift-scale-rotate (shift {aug.shift:g}, scale {aug.scale:g}, "
+                f"rotate {aug.rotate:g} deg, p={aug.ssr_p:g}), one {aug.dropout_size}x{aug.dropout_size} "
+                f"coarse-dropout hole (p={aug.dropout_p:g})")
+    if aug.policy == "fast":
+        parts = [f"horizontal flip (p={aug.flip:g})"]
+        if aug.translate_pad:
+            parts.append(f"translate up to {aug.translate_pad} px")
+        if aug.cutout_size:
+            parts.append(f"{aug.cutout_size}x{aug.cutout_size} cutout (p={aug.cutout_p:g})")
+        return ", ".join(parts)
+    return "no augmentation"
+
+
+# ---------------------------------------------------------------------------- figures
+
+
+def _png(fig: Figure, path: Path) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    data = buf.getvalue()
+    atomic_write_bytes(path, lambda f: f.write(data))
+    return data
+
+
+def _image(images: torch.Tensor, i: int) -> np.ndarray:
+    return images[i].permute(1, 2, 0).numpy()
+
+
+def _bare(ax) -> None:
+    """No ticks, no frame: for image panels that keep a y label."""
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.spines[:].set_visible(False)
+
+
+def plot_curves(history: list[dict[str, float]], label_smoothing: float) -> Figure:
+    fig = Figure(figsize=(12, 8), layout="constrained")
+    axes = fig.subplots(2, 2)
+    epochs = [h["epoch"] for h in history]
+    marker = "o" if len(epochs) <= 30 else None
+    smoothing = f", label smoothing {label_smoothing:g}" if label_smoothing else ""
+    panels = [("train_loss", "Train loss", "cross-entropy loss", f"augmented batches{smoothing}", "tab:blue"),
+              ("train_acc", "Train accuracy", "accuracy (%)", "augmented batches, during the epoch", "tab:blue"),
+              ("test_loss", "Test loss", "cross-entropy loss", "whole test set, after each epoch", "tab:orange"),
+              ("test_acc", "Test accuracy", "accuracy (%)", "after each epoch", "tab:orange")]
+    for ax, (key, title, ylabel, note, color) in zip(axes.flat, panels, strict=True):
+        ax.plot(epochs, [h[key] for h in history], color=color, marker=marker, markersize=3)
+        ax.set_title(f"{title}\n({note})")
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    if history:
+        best = max(history, key=lambda h: h["test_acc"])
+        ax = axes[1, 1]
+        ax.plot([best["epoch"]], [best["test_acc"]], "o", color="tab:red",
+                label=f"best {best['test_acc']:.2f}% (epoch {best['epoch']:.0f})")
+        ax.legend(loc="lower right")
+    fig.suptitle("Learning curves")
+    return fig
+
+
+def plot_gallery(images: torch.Tensor, labels: torch.Tensor, probs: torch.Tensor, shown: list[int],
+                 total_wrong: int) -> Figure:
+    cols = 6
+    rows = max(1, -(-len(shown) // cols))
+    fig = Figure(figsize=(cols * 2.1, rows * 2.5), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(rows, cols)).reshape(rows, cols)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, i in zip(axes.flat, shown, strict=False):  # the last row may be short
+        pred = int(probs[i].argmax())
+        ax.imshow(_image(images, i), interpolation="nearest")
+        ax.set_title(f"true: {CLASSES[labels[i]]}\npredicted: {CLASSES[pred]}\nconfidence {probs[i, pred]:.0%}",
+                     fontsize=10)
+    if not shown:
+        axes[0, 0].text(0, 0.5, "No misclassified test images.", fontsize=14)
+    fig.suptitle(f"The {len(shown)} most confident mistakes (of {total_wrong:,} misclassified test images)")
+    return fig
+
+
+def plot_confusion(confusion: np.ndarray) -> Figure:
+    fig = Figure(figsize=(9.5, 8), layout="constrained")
+    ax = fig.subplots()
+    im = ax.imshow(confusion, cmap="Blues")
+    fig.colorbar(im, ax=ax, shrink=0.8, label="test images")
+    threshold = confusion.max() / 2
+    for t in range(len(CLASSES)):
+        for p in range(len(CLASSES)):
+            ax.text(p, t, f"{confusion[t, p]:d}", ha="center", va="center", fontsize=9,
+                    color="white" if confusion[t, p] > threshold else "black")
+    ax.set_xticks(range(len(CLASSES)), CLASSES, rotation=45, ha="right")
+    ax.set_yticks(range(len(CLASSES)), CLASSES)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    ax.spines[:].set_visible(False)
+    accuracy = 100 * np.trace(confusion) / max(confusion.sum(), 1)
+    ax.set_title(f"Confusion matrix: counts of test images (accuracy {accuracy:.2f}%)\n"
+                 "diagonal = correct; row = true class, column = predicted class")
+    return fig
+
+
+def plot_per_class(confusion: np.ndarray) -> Figure:
+    per_class = 100 * np.diag(confusion) / np.maximum(confusion.sum(1), 1)
+    overall = 100 * np.trace(confusion) / max(confusion.sum(), 1)
+    fig = Figure(figsize=(9, 5.5), layout="constrained")
+    ax = fig.subplots()
+    bars = ax.barh(range(len(CLASSES)), per_class, color="tab:blue")
+    ax.bar_label(bars, [f"{v:.1f}%" for v in per_class], padding=3, fontsize=10)
+    ax.axvline(overall, color="tab:red", linestyle="--")
+    ax.set_yticks(range(len(CLASSES)), CLASSES)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 108)
+    ax.set_xlabel("test accuracy (%)")
+    ax.set_title(f"Per-class test accuracy (dashed red line: all classes, {overall:.2f}%)")
+    return fig
+
+
+def plot_augmentations(images: torch.Tensor, labels: torch.Tensor, aug: AugmentConfig, mean: list[float],
+                       std: list[float], draws: int = 7, seed: int = 0) -> Figure:
+    """Each row one training image: the original, then ``draws`` independent augmentations."""
+    m = torch.tensor(mean).view(1, -1, 1, 1)
+    s = torch.tensor(std).view(1, -1, 1, 1)
+    x = (to_unit_float(images) - m) / s
+    g = torch.Generator().manual_seed(seed)
+    columns = [images.float() / 255] + [(augment(x, aug, g) * s + m).clamp(0, 1) for _ in range(draws)]
+    rows = len(images)
+    fig = Figure(figsize=((draws + 1) * 1.45, rows * 1.55), layout="constrained")
+    axes = fig.subplots(rows, draws + 1, squeeze=False)
+    for r in range(rows):
+        for c, batch in enumerate(columns):
+            ax = axes[r, c]
+            ax.imshow(_image(batch, r), interpolation="nearest")
+            _bare(ax)
+            if r == 0:
+                ax.set_title("original" if c == 0 else f"draw {c}", fontsize=10)
+        axes[r, 0].set_ylabel(CLASSES[labels[r]], fontsize=10)
+    fig.suptitle(f"Training augmentation, policy '{aug.policy}'\n{textwrap.fill(describe_policy(aug), 90)}",
+                 fontsize=12)
+    return fig
+
+
+def plot_gradcam(images: torch.Tensor, labels: torch.Tensor, preds: torch.Tensor, cam_pred: torch.Tensor,
+                 cam_true: torch.Tensor, layer: str, mistakes: bool) -> Figure:
+    n = len(images)
+    fig = Figure(figsize=(n * 1.75 + 1.2, 6.2), layout="constrained")
+    axes = fig.subplots(3, n, squeeze=False)
+    rows = [(None, "image"), (cam_pred, "Grad-CAM for\nthe predicted class"),
+            (cam_true, "Grad-CAM for\nthe true class")]
+    for c in range(n):
+        for r, (cam, label) in enumerate(rows):
+            ax = axes[r, c]
+            ax.imshow(_image(images, c), interpolation="nearest", extent=(0, 32, 32, 0))
+            if cam is not None:
+                ax.imshow(cam[c].numpy(), cmap="jet", alpha=0.5, vmin=0, vmax=1, extent=(0, 32, 32, 0))
+            _bare(ax)
+            if c == 0:
+                ax.set_ylabel(label, fontsize=10)
+        axes[0, c].set_title(f"true: {CLASSES[labels[c]]}\npred: {CLASSES[preds[c]]}", fontsize=9.5)
+    scale = matplotlib.cm.ScalarMappable(matplotlib.colors.Normalize(0, 1), cmap="jet")
+    fig.colorbar(scale, ax=axes[1:, :].ravel().tolist(), shrink=0.9, label="relative importance")
+    kind = "misclassified" if mistakes else "correctly classified (there are no mistakes)"
+    fig.suptitle(f"Grad-CAM on layer {layer}: the regions that drove each class score, {kind} test images")
+    return fig
+
+
+# ---------------------------------------------------------------------------- HTML
+
+
+def _table(rows: list[list[Any]], header: list[str] | None = None) -> str:
+    def cell(v: Any, tag: str) -> str:
+        text = f"{v:,.4g}" if isinstance(v, float) else str(v)
+        return f"<{tag}>{html.escape(text)}</{tag}>"
+
+    head = "<tr>" + "".join(cell(h, "th") for h in header) + "</tr>" if header else ""
+    body = "".join("<tr>" + "".join(cell(v, "td") for v in row) + "</tr>" for row in rows)
+    return f"<table>{head}{body}</table>"
+
+
+def _flatten(config: dict[str, Any], prefix: str = "") -> list[list[Any]]:
+    rows = []
+    for k, v in config.items():
+        if isinstance(v, dict):
+            rows += _flatten(v, f"{prefix}{k}.")
+        else:
+            rows.append([prefix + k, v if isinstance(v, str) else json.dumps(v)])
+    return rows
+
+
+PAGE_CSS = """
+body { font-family: system-ui, -apple-system, Segoe UI, sans-serif; max-width: 1200px; margin: 2em auto;
+       padding: 0 1em; color: #222; line-height: 1.45; }
+h1 { margin-bottom: 0.2em; } h2 { border-bottom: 1px solid #ddd; padding-bottom: 0.2em; margin-top: 2em; }
+img { max-width: 100%; height: auto; display: block; margin: 0.5em 0; }
+table { border-collapse: collapse; font-size: 0.9em; margin: 0.5em 0; }
+th, td { border: 1px solid #ddd; padding: 0.25em 0.6em; text-align: right; }
+th { background: #f4f4f4; } td:first-child, th:first-child { text-align: left; }
+.note { color: #555; } .scroll { max-height: 28em; overflow-y: auto; display: inline-block; }
+"""
+
+
+def render_html(title: str, facts: list[list[Any]], figures: list[tuple[str, str, bytes]],
+                history: list[dict[str, float]], config: dict[str, Any]) -> str:
+    parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
+             f"<style>{PAGE_CSS}</style></head><body><h1>{html.escape(title)}</h1>",
+             f"<p class='note'>Written by tinycifar report on {time.strftime('%Y-%m-%d %H:%M')}. "
+             "Self-contained: every image is embedded.</p>", "<h2>Summary</h2>", _table(facts)]
+    for heading, caption, png in figures:
+        data = base64.b64encode(png).decode()
+        parts.append(f"<h2>{html.escape(heading)}</h2><p>{caption}</p>"
+                     f"<img alt='{html.escape(heading)}' src='data:image/png;base64,{data}'>")
+    if history:
+        keys = list(history[0])
+        rows = [[int(h[k]) if k == "epoch" else h[k] for k in keys] for h in history]
+        parts += ["<h2>Metrics per epoch</h2><div class='scroll'>", _table(rows, keys), "</div>"]
+    parts += ["<h2>Configuration</h2>", _table(_flatten(config), ["option", "value"]), "</body></html>"]
+    return "\n".join(parts)
+
+
+# ---------------------------------------------------------------------------- the report
+
+
+def write_report(run_dir: str | Path, data: str | Path | None = None) -> Path:
+    """Write the figures and ``report.html`` into ``run_dir``; returns the page's path.
+
+    The model is the run's best.pt (last.pt when there is none); the test set is read from
+    ``data``, the run's own data folder or $CIFAR10_ROOT (synthetic runs regenerate theirs).
+    """
+    run_dir = Path(run_dir)
+    checkpoint = pick_checkpoint(run_dir)
+    model, state = load_inference_model(checkpoint)
+    net = model.model
+    config = dict(state.get("config", {}))
+    history = read_history(run_dir, state)
+    test = run_split(config, train=False, data=data)
+    probs = test_probabilities(model, test.images)
+    preds = probs.argmax(1)
+    labels = test.labels
+    confusion = torch.bincount(labels * 10 + preds, minlength=100).view(10, 10).numpy()
+    wrong = (preds != labels).nonzero().flatten()
+    wrong = wrong[probs[wrong, preds[wrong]].argsort(descending=True)]  # most confident mistakes first
+
+    layer, shape = find_gradcam_layer(net)
+    cam_idx = wrong[:CAM_IMAGES] if len(wrong) else (preds == labels).nonzero().flatten()[:CAM_IMAGES]
+    x = to_unit_float(test.images[cam_idx])
+    module = net.get_submodule(layer)
+    cam_pred = upsample_cam(grad_cam(model, module, x, preds[cam_idx]))
+    cam_true = upsample_cam(grad_cam(model, module, x, labels[cam_idx]))
+
+    aug = aug_config(config)
+    train_split = run_split(config, train=True, data=data)
+    pick = torch.randperm(len(train_split), generator=torch.Generator().manual_seed(0))[:6]
+
+    accuracy = 100 * float((preds == labels).float().mean())
+    trained_in = run_precision(run_dir)
+    with matplotlib.rc_context(STYLE):
+        figures = [
+            ("curves.png", "Learning curves",
+             "Loss and accuracy per epoch, as in metrics.csv. Training numbers are measured on augmented "
+             "batches while the weights change, so they are not directly comparable with the test numbers.",
+             plot_curves(history, float(config.get("label_smoothing", 0.0)))),
+            ("misclassified.png", "Misclassified test images",
+             "The test images the network got wrong with the highest confidence, enlarged with nearest-neighbour "
+             "interpolation (each square is one of the 32x32 pixels). Confidence is the softmax probability "
+             "of the predicted class.",
+             plot_gallery(test.images, labels, probs, wrong[:GALLERY].tolist(), len(wrong))),
+            ("confusion_matrix.png", "Confusion matrix",
+             "Rows are true classes, columns predicted classes; off-diagonal cells show which classes are "
+             "confused with which.", plot_confusion(confusion)),
+            ("per_class_accuracy.png", "Per-class accuracy",
+             "Share of each class's test images classified correctly; the dashed line is the overall accuracy.",
+             plot_per_class(confusion)),
+            ("augmentations.png", "Augmented training samples",
+             f"Six training images (first column) and seven independent draws of the run's policy "
+             f"<b>{html.escape(aug.policy)}</b>: {html.escape(describe_policy(aug))}. Images are un-normalized "
+             "for display; erased holes are filled with the dataset's mean colour.",
+             plot_augmentations(train_split.images[pick], train_split.labels[pick], aug, state["mean"],
+                                state["std"])),
+            ("gradcam.png", "Grad-CAM",
+             f"Grad-CAM (gradient-weighted class activation maps) on layer <code>{html.escape(layer)}</code> "
+             f"({html.escape(type(module).__name__)}, output {shape[0]} channels at {shape[1]}x{shape[2]}): "
+             f"{layer_reason(layer)} Red marks the regions that raise the class score most; each map is scaled "
+             "to its own maximum and upsampled bilinearly.",
+             plot_gradcam(test.images[cam_idx], labels[cam_idx], preds[cam_idx], cam_pred, cam_true, layer,
+                          bool(len(wrong)))),
+        ]
+    rendered = [(heading, caption, _png(fig, run_dir / name)) for name, heading, caption, fig in figures]
+
+    best = max(history, key=lambda h: h["test_acc"]) if history else None
+    facts = [["run folder", str(run_dir)], ["model", f"{state['model']} ({state.get('params', 0):,} parameters)"],
+             ["checkpoint", f"{checkpoint.name} (after epoch {state.get('epoch', '?')})"],
+             ["test accuracy of this checkpoint", f"{accuracy:.2f}% on {len(labels):,} images, in fp32"
+                                                  + (f" (training evaluated in {trained_in})" if trained_in else "")],
+             ["epochs finished", f"{len(history)} of {config.get('epochs', '?')}"]]
+    if best:
+        facts.append(["best test accuracy", f"{best['test_acc']:.2f}% at epoch {best['epoch']:.0f}"])
+        facts.append(["training time", f"{history[-1].get('train_seconds_total', 0):.1f} s"])
+    facts += [["dataset", config.get("dataset", "?")], ["augmentation", f"{aug.policy}: {describe_policy(aug)}"],
+              ["Grad-CAM layer", f"{layer} ({shape[0]}x{shape[1]}x{shape[2]})"]]
+    page = render_html(f"tinycifar run report: {run_dir.name}", facts, rendered, history, config)
+    out = run_dir / "report.html"
+    atomic_write_bytes(out, lambda f: f.write(page.encode()))
+    return out

@@ -1,0 +1,115 @@
+"""The era9 network meets the assignment's constraints, checked on the model object itself."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from tinycifar.models import MODEL_REGISTRY, count_params, create_model, register_model
+from tinycifar.summary import receptive_field, receptive_field_walk
+
+
+@pytest.fixture(scope="module")
+def era9() -> nn.Module:
+    torch.manual_seed(0)
+    return create_model("era9").eval()
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The test machine has two cores shared with other work; two threads each would thrash."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def convs(model: nn.Module) -> list[tuple[str, nn.Conv2d]]:
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+
+
+def test_era9_has_fewer_than_200k_parameters(era9):
+    params = count_params(era9)
+    assert params < 200_000
+    assert params == sum(p.numel() for p in era9.parameters() if p.requires_grad)
+
+
+def test_era9_has_no_max_pooling(era9):
+    assert not any(isinstance(m, (nn.MaxPool2d, nn.MaxPool1d, nn.MaxPool3d, nn.AdaptiveMaxPool2d))
+                   for m in era9.modules())
+
+
+def test_era9_has_a_depthwise_conv_followed_by_a_pointwise_conv(era9):
+    layers = convs(era9)
+    pairs = [(a, b) for (_, a), (_, b) in zip(layers, layers[1:], strict=False)
+             if a.groups == a.in_channels > 1 and a.out_channels == a.in_channels
+             and b.kernel_size == (1, 1) and b.groups == 1 and b.in_channels == a.out_channels]
+    assert pairs, "no depthwise conv followed by a 1x1 conv"
+
+
+def test_era9_has_a_dilated_conv(era9):
+    assert any(max(m.dilation) > 1 for _, m in convs(era9))
+
+
+def test_era9_downsamples_only_with_strided_convs(era9):
+    """No pooling inside the features; every stride > 1 is on a conv; the map goes 32 -> 4."""
+    assert not any(isinstance(m, (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d))
+                   for m in era9.features.modules())
+    strided = [m for _, m in convs(era9) if max(m.stride) > 1]
+    assert len(strided) == 3
+    with torch.no_grad():
+        fmap = era9.features(torch.zeros(2, 3, 32, 32))
+    assert fmap.shape[-2:] == (4, 4)
+
+
+def test_era9_ends_with_global_average_pooling_then_linear_to_10(era9):
+    leaves = [m for m in era9.modules() if not list(m.children())]
+    pool_at = max(i for i, m in enumerate(leaves) if isinstance(m, nn.AdaptiveAvgPool2d))
+    assert leaves[pool_at].output_size in (1, (1, 1))
+    after = [m for m in leaves[pool_at + 1:] if not isinstance(m, nn.Flatten)]
+    assert len(after) == 1 and isinstance(after[0], nn.Linear)
+    assert after[0].out_features == 10
+    assert isinstance(leaves[-1], nn.Linear)
+
+
+def test_era9_receptive_field_is_above_44(era9):
+    assert receptive_field(era9) > 44
+    rfs = [s.rf for s in receptive_field_walk(era9)]
+    assert rfs == sorted(rfs)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_era9_output_shape(era9, batch):
+    with torch.no_grad():
+        out = era9(torch.randn(batch, 3, 32, 32))
+    assert out.shape == (batch, 10)
+    assert torch.isfinite(out).all()
+
+
+def test_era9_num_classes_and_dropout_options():
+    m = create_model("era9", num_classes=7, dropout=0.0)
+    assert m(torch.randn(2, 3, 32, 32)).shape == (2, 7)
+    assert not any(isinstance(x, nn.Dropout2d) for x in m.modules())
+    assert any(isinstance(x, nn.Dropout2d) for x in create_model("era9", dropout=0.1).modules())
+
+
+@pytest.mark.parametrize("name", sorted(MODEL_REGISTRY))
+def test_every_registered_model_classifies_cifar_shapes(name):
+    model = create_model(name).eval()
+    assert model.name == name
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    assert hasattr(model, "features") and hasattr(model, "head")
+    assert (MODEL_REGISTRY[name].__doc__ or "").strip(), "registered models need a one-line description"
+
+
+def test_unknown_model_name_is_refused_with_the_choices():
+    with pytest.raises(ValueError, match="unknown model 'nope'.*era9"):
+        create_model("nope")
+
+
+def test_registering_a_name_twice_is_refused():
+    with pytest.raises(ValueError, match="already registered"):
+        register_model("era9")(lambda: nn.Linear(1, 1))
+    assert MODEL_REGISTRY["era9"].__name__ == "era9"

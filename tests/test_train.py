@@ -1,0 +1,405 @@
+"""The training engine on synthetic data: learning, the run folder, resume, schedules, options.
+
+Every run is tiny (512 synthetic images, batch 32, fp32 on one CPU thread), so a run
+takes a second or two.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from tinycifar import train as train_mod
+from tinycifar.checkpoint import load_checkpoint, model_from_checkpoint
+from tinycifar.cli import main
+from tinycifar.config import TrainConfig, resolve_config
+from tinycifar.data import synthetic_cifar10
+from tinycifar.evaluate import evaluate
+from tinycifar.loader import DeviceLoader
+from tinycifar.models import ClassifierHead, Net, create_model
+from tinycifar.train import METRIC_FIELDS, TrainingError, build_optimizer, lr_factor, param_groups, train
+
+DOCUMENTED_COLUMNS = ["epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "seconds",
+                      "train_seconds_total"]
+SUMMARY_KEYS = {"best_acc", "final_acc", "epoch_reached_target", "train_seconds", "params"}
+TIMING_KEYS = {"train_seconds", "images_per_second", "seconds_to_target"}
+
+# the same run as command-line options (for the subprocess tests) and as config values
+CLI_ARGS = ["--dataset", "synthetic", "--set", "synthetic_size=512", "--batch-size", "32", "--lr", "0.05",
+            "--aug", "none", "--precision", "fp32", "--device", "cpu", "--threads", "1", "--quiet"]
+QUICK = dict(dataset="synthetic", synthetic_size=512, batch_size=32, lr=0.05, aug={"policy": "none"},
+             precision="fp32", device="cpu", threads=1, quiet=True)
+
+
+def quick_cfg(out: Path, **overrides) -> TrainConfig:
+    return resolve_config("fast", overrides={**QUICK, "epochs": 3, "out": str(out), **overrides})
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, str]]:
+    with open(run_dir / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def without_timing(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if "seconds" not in k} for r in rows]
+
+
+def comparable_summary(run_dir: Path) -> dict:
+    s = json.loads((run_dir / "summary.json").read_text())
+    return {k: v for k, v in s.items() if k not in TIMING_KEYS}
+
+
+@pytest.fixture(scope="module")
+def basic_run(tmp_path_factory):
+    torch.set_num_threads(1)
+    cfg = quick_cfg(tmp_path_factory.mktemp("basic") / "run")
+    return cfg, train(cfg)
+
+
+# ---------------------------------------------------------------------------- a plain run
+
+
+def test_synthetic_run_learns(basic_run):
+    _, result = basic_run
+    assert result.summary["final_acc"] > 60  # chance is 10%
+    losses = [h["train_loss"] for h in result.history]
+    assert losses[-1] < losses[0]
+
+
+def test_run_folder_holds_everything_documented(basic_run):
+    cfg, result = basic_run
+    run_dir = Path(cfg.out)
+    assert result.run_dir == run_dir
+    for name in ("config.json", "metrics.csv", "last.pt", "best.pt", "summary.json"):
+        assert (run_dir / name).is_file(), name
+    assert not list(run_dir.glob(".*")), "temporary files left behind"
+
+    rows = read_metrics(run_dir)
+    with open(run_dir / "metrics.csv") as f:
+        header = f.readline().strip().split(",")
+    assert header == METRIC_FIELDS
+    assert header[: len(DOCUMENTED_COLUMNS)] == DOCUMENTED_COLUMNS
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    assert all(0 <= float(r["test_acc"]) <= 100 and float(r["lr"]) > 0 for r in rows)
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert set(summary) >= SUMMARY_KEYS
+    assert summary == result.summary
+    assert summary["params"] == sum(p.numel() for p in create_model("era9").parameters())
+    assert summary["final_acc"] == float(rows[-1]["test_acc"])
+    assert summary["best_acc"] == max(float(r["test_acc"]) for r in rows)
+    assert summary["epochs_run"] == 3 and summary["train_seconds"] > 0
+
+    config = json.loads((run_dir / "config.json").read_text())
+    assert {k: v for k, v in config.items() if k != "resolved"} == cfg.to_dict()
+    assert config["resolved"]["steps_per_epoch"] == 512 // 32
+    assert config["resolved"]["world_size"] == 1
+
+
+def test_checkpoints_hold_the_last_and_the_best_epoch(basic_run):
+    cfg, result = basic_run
+    last = load_checkpoint(Path(cfg.out) / "last.pt")
+    best = load_checkpoint(Path(cfg.out) / "best.pt")
+    assert last["epoch"] == 3 and last["history"] == result.history
+    assert best["epoch"] == result.summary["best_epoch"]
+    assert last["model"] == "era9" and last["config"] == cfg.to_dict()
+
+
+def test_checkpoint_reproduces_the_logged_test_accuracy(basic_run):
+    cfg, result = basic_run
+    state = load_checkpoint(Path(cfg.out) / "last.pt")
+    _, test = synthetic_cifar10(cfg.synthetic_size, cfg.synthetic_size // 4, seed=cfg.seed)
+    ev = evaluate(model_from_checkpoint(state), DeviceLoader(test, 1000, state["mean"], state["std"]))
+    assert ev.total == len(test)
+    assert round(ev.accuracy, 4) == result.history[-1]["test_acc"]
+    assert ev.loss == pytest.approx(result.history[-1]["test_loss"], abs=1e-5)
+
+
+def test_identical_fp32_cpu_runs_give_identical_metrics(basic_run, tmp_path):
+    cfg, first = basic_run
+    again = train(quick_cfg(tmp_path / "again"))
+    assert without_timing(again.history) == without_timing(first.history)
+    assert without_timing(read_metrics(tmp_path / "again")) == without_timing(read_metrics(Path(cfg.out)))
+
+
+def test_target_acc_stops_early(tmp_path):
+    result = train(quick_cfg(tmp_path / "run", epochs=8, target_acc=50.0, target_for_summary=50.0))
+    run = len(result.history)
+    assert run < 8
+    assert result.history[-1]["test_acc"] >= 50.0
+    assert all(h["test_acc"] < 50.0 for h in result.history[:-1])
+    assert "target-acc" in result.summary["stop_reason"]
+    assert result.summary["epoch_reached_target"] == run
+    assert len(read_metrics(tmp_path / "run")) == run
+
+
+# ---------------------------------------------------------------------------- resume after a real kill
+
+
+def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tinycifar", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def start_and_kill_after_first_epoch(out: Path, epochs: int) -> int:
+    """Start a CLI training run, SIGKILL it as soon as an epoch is saved; returns the rows saved."""
+    proc = subprocess.Popen([sys.executable, "-m", "tinycifar", "train", *CLI_ARGS, "--epochs", str(epochs),
+                             "--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            if (out / "metrics.csv").exists() and len(read_metrics(out)) >= 1:
+                break
+            time.sleep(0.02)
+        assert proc.poll() is None, f"run ended before it could be killed: {proc.stderr.read()}"
+        os.kill(proc.pid, signal.SIGKILL)
+        assert proc.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stderr.close()
+    return len(read_metrics(out))
+
+
+def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
+    epochs = 4
+    ref = tmp_path / "ref"
+    assert main(["train", *CLI_ARGS, "--epochs", str(epochs), "--out", str(ref)]) == 0
+
+    killed = tmp_path / "killed"
+    saved = start_and_kill_after_first_epoch(killed, epochs)
+    assert 1 <= saved < epochs
+    state = load_checkpoint(killed / "last.pt")
+    assert state["epoch"] >= saved
+
+    done = run_cli("train", "--resume", "--out", str(killed), "--quiet")
+    assert done.returncode == 0, done.stderr
+    assert without_timing(read_metrics(killed)) == without_timing(read_metrics(ref))
+    assert comparable_summary(killed) == comparable_summary(ref)
+    a, b = load_checkpoint(killed / "last.pt"), load_checkpoint(ref / "last.pt")
+    assert all(torch.equal(a["model_state"][k], b["model_state"][k]) for k in b["model_state"])
+
+
+def test_resume_of_a_finished_run_changes_nothing(basic_run, capsys):
+    cfg, result = basic_run
+    before = read_metrics(Path(cfg.out))
+    assert main(["train", "--resume", "--out", cfg.out, "--quiet"]) == 0
+    assert read_metrics(Path(cfg.out)) == before
+
+
+def test_resume_refuses_to_change_the_recipe(basic_run, capsys):
+    cfg, _ = basic_run
+    assert main(["train", "--resume", "--out", cfg.out, "--lr", "0.5"]) == 2
+    assert "cannot change lr" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- learning-rate schedules
+
+
+def schedule(total_epochs: int = 10, steps: int = 10, **kw) -> list[float]:
+    cfg = TrainConfig(epochs=total_epochs, **kw)
+    total = total_epochs * steps
+    return [lr_factor(i, total, steps, cfg) for i in range(total)]
+
+
+def test_constant_schedule_with_warmup_rises_linearly_then_stays_flat():
+    f = schedule(schedule="constant", warmup_epochs=2)
+    assert f[:20] == pytest.approx([(i + 1) / 20 for i in range(20)])
+    assert f[20:] == [1.0] * 80
+
+
+def test_onecycle_rises_from_a_25th_to_the_peak_then_anneals_to_the_end_value():
+    f = schedule(schedule="onecycle", pct_start=0.25, final_lr_scale=0.0)
+    peak = f.index(max(f))
+    assert f[0] == pytest.approx(0.04)
+    assert max(f) == pytest.approx(1.0)
+    assert peak == 25
+    assert all(a < b for a, b in zip(f[:peak], f[1:peak + 1], strict=True))
+    assert all(a > b for a, b in zip(f[peak:-1], f[peak + 1:], strict=True))
+    assert f[-1] < 0.001
+    g = schedule(schedule="onecycle", pct_start=0.25, final_lr_scale=0.1)
+    assert g[-1] == pytest.approx(0.1, abs=0.001) and min(g) >= 0.04
+
+
+def test_onecycle_with_warmup_uses_the_warmup_as_its_rise():
+    f = schedule(schedule="onecycle", warmup_epochs=1)
+    assert f[:10] == pytest.approx([(i + 1) / 10 for i in range(10)])
+    assert f[10] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(f[10:-1], f[11:], strict=True))
+
+
+def test_cosine_decays_monotonically_from_the_peak_to_the_end_value():
+    f = schedule(schedule="cosine", final_lr_scale=0.2)
+    assert f[0] == pytest.approx(1.0)
+    assert all(a > b for a, b in zip(f[:-1], f[1:], strict=True))
+    assert f[50] == pytest.approx(0.2 + 0.8 * 0.5)
+    assert f[-1] == pytest.approx(0.2, abs=0.001)
+    w = schedule(schedule="cosine", warmup_epochs=3)
+    assert w[:30] == pytest.approx([(i + 1) / 30 for i in range(30)])
+    assert w[30] == pytest.approx(1.0)
+
+
+def test_step_schedule_multiplies_by_gamma_every_step_size_epochs():
+    f = schedule(schedule="step", step_size=3, step_gamma=0.1)
+    for step, value in enumerate(f):
+        assert value == pytest.approx(0.1 ** ((step // 10) // 3))
+
+
+def test_every_schedule_stays_positive_and_at_most_one():
+    for kind in ("onecycle", "cosine", "step", "constant"):
+        for warm in (0, 1.5):
+            f = schedule(schedule=kind, warmup_epochs=warm, final_lr_scale=0.01)
+            assert all(0 < v <= 1 + 1e-12 for v in f), kind
+
+
+# ---------------------------------------------------------------------------- optimiser groups
+
+
+def group_of(groups: list[dict], p: torch.Tensor) -> dict:
+    [g] = [g for g in groups if any(q is p for q in g["params"])]
+    return g
+
+
+def test_weight_decay_stays_off_batch_norm_and_biases():
+    model = Net(nn.Sequential(nn.Conv2d(3, 8, 3, bias=True), nn.BatchNorm2d(8), nn.ReLU(),
+                              nn.Conv2d(8, 8, 3, bias=False)), ClassifierHead(8))
+    cfg = TrainConfig(weight_decay=5e-4, norm_bias_lr_scale=4.0, lr=0.1)
+    groups = param_groups(model, cfg)
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    for name, p in model.named_parameters():
+        g = group_of(groups, p)
+        is_norm_or_bias = name.endswith("bias") or name.startswith("features.1.")
+        assert g["weight_decay"] == (0.0 if is_norm_or_bias else 5e-4), name
+        assert g["lr_scale"] == (4.0 if name.endswith("bias") else 1.0), name
+    optimizer = build_optimizer(model, cfg)
+    assert sorted(g["lr"] for g in optimizer.param_groups) == pytest.approx(sorted(0.1 * g["lr_scale"]
+                                                                                   for g in groups))
+
+    on = param_groups(model, TrainConfig(weight_decay=5e-4, wd_on_norm_and_bias=True))
+    assert all(g["weight_decay"] == 5e-4 for g in on)
+
+
+def test_era9_decays_only_conv_and_linear_weights():
+    model = create_model("era9")
+    groups = param_groups(model, TrainConfig(weight_decay=1e-3))
+    decayed = {id(p) for g in groups if g["weight_decay"] > 0 for p in g["params"]}
+    for m in model.modules():
+        for name, p in m.named_parameters(recurse=False):
+            expect = isinstance(m, (nn.Conv2d, nn.Linear)) and name == "weight"
+            assert (id(p) in decayed) == expect, (type(m).__name__, name)
+
+
+# ---------------------------------------------------------------------------- EMA, clipping, NaN
+
+
+def test_ema_weights_are_what_the_checkpoint_serves(tmp_path):
+    cfg = quick_cfg(tmp_path / "ema", epochs=2, ema_decay=0.9)
+    result = train(cfg)
+    state = load_checkpoint(tmp_path / "ema" / "last.pt")
+    assert state["ema_state"] is not None and state["ema_full_state"] is not None
+    key = "features.0.0.0.weight"
+    assert not torch.equal(state["ema_state"][key], state["model_state"][key])
+    model = model_from_checkpoint(state)
+    assert torch.equal(model.state_dict()[key], state["ema_state"][key])
+    # the logged test accuracy is the EMA network's
+    _, test = synthetic_cifar10(cfg.synthetic_size, cfg.synthetic_size // 4, seed=cfg.seed)
+    ev = evaluate(model, DeviceLoader(test, 1000, state["mean"], state["std"]))
+    assert round(ev.accuracy, 4) == result.history[-1]["test_acc"]
+
+
+class Stop(Exception):
+    pass
+
+
+def test_ema_run_resumes_exactly(tmp_path, monkeypatch):
+    full = train(quick_cfg(tmp_path / "full", epochs=3, ema_decay=0.8))
+    real = train_mod.write_metrics_csv
+
+    def stop_after_epoch_1(path, history):
+        real(path, history)
+        raise Stop  # after last.pt of epoch 1 is on disk
+
+    monkeypatch.setattr(train_mod, "write_metrics_csv", stop_after_epoch_1)
+    with pytest.raises(Stop):
+        train(quick_cfg(tmp_path / "cut", epochs=3, ema_decay=0.8))
+    monkeypatch.setattr(train_mod, "write_metrics_csv", real)
+    assert load_checkpoint(tmp_path / "cut" / "last.pt")["epoch"] == 1
+    resumed = train(train_mod.resume_config(tmp_path / "cut", {"quiet": True}))
+    assert without_timing(resumed.history) == without_timing(full.history)
+    a, b = load_checkpoint(tmp_path / "cut" / "last.pt"), load_checkpoint(tmp_path / "full" / "last.pt")
+    assert all(torch.equal(a["ema_state"][k], b["ema_state"][k]) for k in b["ema_state"])
+
+
+def test_grad_clip_option_clips_every_step(tmp_path, monkeypatch):
+    calls = []
+    real = torch.nn.utils.clip_grad_norm_
+
+    def spy(params, max_norm, *args, **kwargs):
+        norm = real(params, max_norm, *args, **kwargs)
+        calls.append((max_norm, float(norm)))
+        return norm
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
+    result = train(quick_cfg(tmp_path / "clip", epochs=2, grad_clip=0.25))
+    assert len(calls) == 2 * 512 // 32
+    assert all(max_norm == 0.25 for max_norm, _ in calls)
+    assert any(norm > 0.25 for _, norm in calls), "the clip never bit; make it tighter"
+    assert all(math.isfinite(h["train_loss"]) for h in result.history)
+    calls.clear()
+    train(quick_cfg(tmp_path / "noclip", epochs=1))
+    assert calls == []
+
+
+class NaNAfter(nn.CrossEntropyLoss):
+    """Cross-entropy that turns NaN after ``limit`` calls, like a diverging run."""
+
+    calls = 0
+    limit = 10**9
+
+    def forward(self, logits, target):
+        type(self).calls += 1
+        loss = super().forward(logits, target)
+        return loss * float("nan") if type(self).calls > type(self).limit else loss
+
+
+def test_nan_loss_stops_with_the_last_good_checkpoint_named(tmp_path, monkeypatch):
+    monkeypatch.setattr(NaNAfter, "calls", 0)
+    monkeypatch.setattr(NaNAfter, "limit", 512 // 32 + 3)  # a few steps into epoch 2
+    monkeypatch.setattr(torch.nn, "CrossEntropyLoss", NaNAfter)
+    run_dir = tmp_path / "nan"
+    with pytest.raises(TrainingError, match=r"epoch 2: training loss is nan.*last\.pt \(epoch 1\)") as info:
+        train(quick_cfg(run_dir, epochs=3))
+    assert str(run_dir / "last.pt") in str(info.value)
+    state = load_checkpoint(run_dir / "last.pt")
+    assert state["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in state["model_state"].values() if v.is_floating_point())
+    assert len(read_metrics(run_dir)) == 1
+    model_from_checkpoint(state)
+
+
+def test_nan_in_the_first_epoch_says_no_checkpoint_exists(tmp_path, monkeypatch):
+    monkeypatch.setattr(NaNAfter, "calls", 0)
+    monkeypatch.setattr(NaNAfter, "limit", 0)
+    monkeypatch.setattr(torch.nn, "CrossEntropyLoss", NaNAfter)
+    with pytest.raises(TrainingError, match="epoch 1: .*no checkpoint was written yet"):
+        train(quick_cfg(tmp_path / "nan", epochs=2))
+    assert not (tmp_path / "nan" / "last.pt").exists()
+
+
+def test_diverging_lr_ends_with_exit_1_and_one_line(tmp_path, capsys):
+    rc = main(["train", *CLI_ARGS, "--epochs", "2", "--lr", "1e12", "--out", str(tmp_path / "huge")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1
+    assert len(err) == 1 and "training loss is" in err[0] and "lower --lr" in err[0]

@@ -1,0 +1,16 @@
+"""A real run folder in seconds: era9 trained on a little synthetic data (shared by several test files)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tinycifar.config import resolve_config
+from tinycifar.train import train
+
+
+def train_tiny_run(out: Path, **overrides) -> Path:
+    """Train one epoch on 200 synthetic images with one thread; returns the run folder."""
+    values = dict(dataset="synthetic", synthetic_size=200, epochs=1, batch_size=50, lr=0.02, precision="fp32",
+                  device="cpu", threads=1, quiet=True, out=str(out))
+    values.update(overrides)
+    return train(resolve_config("fast", overrides=values)).run_dir
