@@ -249,3 +249,13 @@ def test_an_interrupt_during_the_write_leaves_the_previous_file(good):
         atomic_write_bytes(good, interrupted)
     assert good.read_bytes() == before
     assert len(list(good.parent.iterdir())) == 1
+
+
+def test_atomic_write_gives_the_usual_permissions_not_mkstemps_0600(tmp_path):
+    umask = os.umask(0o022)
+    try:
+        target = tmp_path / "file.bin"
+        atomic_write_bytes(target, lambda f: f.write(b"x"))
+        assert target.stat().st_mode & 0o777 == 0o644
+    finally:
+        os.umask(umask)

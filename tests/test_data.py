@@ -342,11 +342,11 @@ def test_find_layout(tmp_path, fake, small_batches, good_archive):
     with pytest.raises(DatasetError) as err:
         data.find_layout(empty)
     msg = str(err.value)
-    assert str(empty) in msg and "--download" in msg and data.PY_DIR in msg
+    assert str(empty) in msg and "tinycifar download" in msg and data.PY_DIR in msg
 
 
 def test_no_dataset_is_a_clear_error(tmp_path):
-    with pytest.raises(DatasetError, match="--download"):
+    with pytest.raises(DatasetError, match="tinycifar download"):
         load_cifar10(tmp_path / "does-not-exist")
 
 

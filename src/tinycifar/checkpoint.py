@@ -39,6 +39,7 @@ def atomic_write_bytes(path: Path, write) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
         os.replace(tmp, path)
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
@@ -46,6 +47,12 @@ def atomic_write_bytes(path: Path, write) -> None:
         if cause is not None and cause is not e:  # torch.save wraps a failed write in a RuntimeError
             raise cause from e
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _os_error_in(e: BaseException | None) -> OSError | None:

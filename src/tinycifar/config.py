@@ -45,6 +45,8 @@ class TrainConfig:
     weight_decay: float = 5e-4
     wd_on_norm_and_bias: bool = False
     norm_bias_lr_scale: float = 1.0  # airbench: batch-norm biases like a higher learning rate
+    freeze_norm_scale: bool = False  # keep batch-norm scales at 1 (airbench)
+    whiten_stem: bool = False  # first conv = frozen whitening of training patches (airbench)
     schedule: str = "onecycle"  # onecycle | cosine | step | constant
     warmup_epochs: float = 0.0
     pct_start: float = 0.25  # one-cycle: share of the run spent rising

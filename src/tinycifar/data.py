@@ -181,7 +181,7 @@ def find_layout(root: Path) -> str:
         return "archive"
     raise DatasetError(
         f"{root}: no CIFAR-10 found (expected {PY_DIR}/, {BIN_DIR}/ or {ARCHIVE_NAME}); "
-        "pass --download to fetch it"
+        "run `tinycifar download --data DIR` to fetch it (training downloads it unless --no-download)"
     )
 
 
@@ -260,6 +260,9 @@ def extract_archive(archive: Path, root: Path, md5: str | None = ARCHIVE_MD5) ->
             raise DatasetError(f"{archive}: does not contain {PY_DIR}/")
         target = root / PY_DIR
         if not target.exists():
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(extracted, 0o777 & ~umask)  # TemporaryDirectory made it 0700
             os.replace(extracted, target)
 
 

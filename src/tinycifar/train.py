@@ -34,7 +34,7 @@ from .config import ConfigError, TrainConfig
 from .data import DatasetError, Split, load_cifar10, synthetic_cifar10
 from .evaluate import autocast_context, evaluate
 from .loader import DeviceLoader, channel_stats
-from .models import count_params, create_model
+from .models import count_params, create_model, init_whitening
 
 METRIC_FIELDS = [
     "epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "seconds", "train_seconds_total", "eval_seconds",
@@ -142,6 +142,21 @@ def sync_buffers(env: DistEnv, *modules: nn.Module) -> None:
 
 
 # ---------------------------------------------------------------------------- optimisation
+
+
+def prepare_model(model: nn.Module, cfg: TrainConfig, train_split: Split, mean: list[float],
+                  std: list[float]) -> None:
+    """Apply the recipe's surgery: a frozen whitening stem, frozen batch-norm scales."""
+    if cfg.whiten_stem:
+        stem = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+        sample = train_split.images[:5000].float().div(255)
+        sample = (sample - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)
+        init_whitening(stem, sample.to(stem.weight.device))
+        stem.weight.requires_grad_(False)
+    if cfg.freeze_norm_scale:
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.weight is not None:
+                m.weight.requires_grad_(False)
 
 
 def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
@@ -301,6 +316,7 @@ def _train(cfg: TrainConfig, env: DistEnv, data: tuple[Split, Split] | None) -> 
     mean, std = channel_stats(train_split.images)
     torch.manual_seed(cfg.seed)
     model = create_model(cfg.model, **model_kwargs(cfg)).to(device)
+    prepare_model(model, cfg, train_split, mean, std)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     params = count_params(model)
