@@ -275,3 +275,26 @@ def test_cuda_loader():
     a = torch.cat([x for x, _ in make(split, 32, device="cuda", aug=AugmentConfig(policy="seed"))])
     b = torch.cat([x for x, _ in make(split, 32, device="cuda", aug=AugmentConfig(policy="seed"))])
     assert torch.equal(a, b)
+
+
+def test_alternating_flips_show_each_image_both_ways_in_consecutive_epochs():
+    images = torch.arange(64 * 3 * 4 * 4, dtype=torch.float32).reshape(64, 3, 4, 4).remainder(251).to(torch.uint8)
+    split = Split(images.repeat(1, 1, 8, 8), torch.arange(64) % 10)
+    aug = AugmentConfig(policy="fast", translate_pad=0, cutout_size=0, alternate_flip=True)
+    loader = DeviceLoader(split, 64, [0.5] * 3, [0.25] * 3, aug=aug, seed=3)
+    plain = DeviceLoader(split, 64, [0.5] * 3, [0.25] * 3, aug=None, seed=3)
+    flipped_by_epoch = []
+    for epoch in (0, 1, 2):
+        loader.set_epoch(epoch)
+        plain.set_epoch(epoch)
+        (x, y), (x0, y0) = next(iter(loader)), next(iter(plain))
+        assert torch.equal(y, y0)
+        flipped = (x != x0).flatten(1).any(1)
+        assert torch.equal(x[flipped], x0[flipped].flip(3))
+        order = plain.indices()
+        by_image = torch.empty(64, dtype=torch.bool)
+        by_image[order] = flipped
+        flipped_by_epoch.append(by_image)
+    assert torch.equal(flipped_by_epoch[0], ~flipped_by_epoch[1])
+    assert torch.equal(flipped_by_epoch[0], flipped_by_epoch[2])
+    assert 10 < int(flipped_by_epoch[0].sum()) < 54

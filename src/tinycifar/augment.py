@@ -25,8 +25,10 @@ def _chosen(n: int, p: float, g: torch.Generator, device: torch.device) -> torch
     return (torch.rand(n, generator=g, device=device) < p).view(n, 1, 1, 1)
 
 
-def hflip(x: torch.Tensor, g: torch.Generator, p: float = 0.5) -> torch.Tensor:
-    return torch.where(_chosen(len(x), p, g, x.device), x.flip(3), x)
+def hflip(x: torch.Tensor, g: torch.Generator, p: float = 0.5, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Flip each image with probability p, or exactly those where ``mask`` (B,) is true."""
+    chosen = _chosen(len(x), p, g, x.device) if mask is None else mask.view(-1, 1, 1, 1)
+    return torch.where(chosen, x.flip(3), x)
 
 
 def shift_scale_rotate(
@@ -104,6 +106,7 @@ class AugmentConfig:
 
     policy: str = "fast"
     flip: float = 0.5  # probability
+    alternate_flip: bool = False  # airbench: each image flipped in every other epoch, not at random
     shift: float = 0.1  # shift-scale-rotate: fraction of the image size
     scale: float = 0.1
     rotate: float = 15.0  # degrees
@@ -119,20 +122,22 @@ class AugmentConfig:
 POLICIES = ("seed", "fast", "none")
 
 
-def augment(x: torch.Tensor, cfg: AugmentConfig, g: torch.Generator) -> torch.Tensor:
+def augment(x: torch.Tensor, cfg: AugmentConfig, g: torch.Generator,
+            flip_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Apply ``cfg.policy`` to a normalized batch.
 
     seed: flip + shift-scale-rotate + coarse dropout (the assignment's albumentations recipe).
     fast: flip + translate + cutout (the fast-training recipe; cheap on a CPU).
+    ``flip_mask`` replaces the random flip decisions (the loader's alternating flips).
     """
     if cfg.policy == "none":
         return x
     if cfg.policy == "seed":
-        x = hflip(x, g, cfg.flip)
+        x = hflip(x, g, cfg.flip, flip_mask)
         x = shift_scale_rotate(x, g, cfg.shift, cfg.scale, cfg.rotate, cfg.border, cfg.ssr_p)
         return erase_boxes(x, g, cfg.dropout_size, inside=True, p=cfg.dropout_p)
     if cfg.policy == "fast":
-        x = hflip(x, g, cfg.flip)
+        x = hflip(x, g, cfg.flip, flip_mask)
         if cfg.translate_pad:
             x = translate(x, g, cfg.translate_pad)
         if cfg.cutout_size:

@@ -62,6 +62,10 @@ class DeviceLoader:
         self.mean = torch.tensor(mean, device=self.device).view(1, -1, 1, 1) * 255
         self.std = torch.tensor(std, device=self.device).view(1, -1, 1, 1) * 255
         self.epoch = 0
+        self.flip_bits = None
+        if aug is not None and aug.alternate_flip:
+            gen = torch.Generator().manual_seed(seed)
+            self.flip_bits = torch.randint(0, 2, (len(self.labels),), generator=gen).bool().to(self.device)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -86,6 +90,16 @@ class DeviceLoader:
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         return (images.float() - self.mean) / self.std
 
+    def alternating_flips(self, idx: torch.Tensor) -> torch.Tensor | None:
+        """Each image's flip in this epoch: a fixed random bit per image, inverted every epoch.
+
+        Every image is seen both ways in any two consecutive epochs, instead of by chance
+        (airbench's alternating flips).
+        """
+        if self.flip_bits is None:
+            return None
+        return self.flip_bits[idx] ^ bool(self.epoch % 2)
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order = self.indices()
         gen = epoch_generator(self.seed, self.epoch, self.device, stream=1 + self.rank)  # own draws per rank
@@ -94,7 +108,7 @@ class DeviceLoader:
             idx = order[start : start + self.batch_size]
             x = self.normalize(self.images[idx])
             if self.train and self.aug is not None:
-                x = augment(x, self.aug, gen)
+                x = augment(x, self.aug, gen, self.alternating_flips(idx))
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             yield x, self.labels[idx]
