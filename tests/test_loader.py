@@ -298,3 +298,14 @@ def test_alternating_flips_show_each_image_both_ways_in_consecutive_epochs():
     assert torch.equal(flipped_by_epoch[0], ~flipped_by_epoch[1])
     assert torch.equal(flipped_by_epoch[0], flipped_by_epoch[2])
     assert 10 < int(flipped_by_epoch[0].sum()) < 54
+
+
+def test_resolution_downsamples_batches_for_progressive_resizing():
+    train, _ = synthetic_cifar10(64, 10, seed=0)
+    loader = DeviceLoader(train, 16, [0.5] * 3, [0.25] * 3, aug=AugmentConfig(policy="fast"), channels_last=True)
+    loader.resolution = 24
+    x, y = next(iter(loader))
+    assert x.shape == (16, 3, 24, 24) and len(y) == 16
+    assert x.is_contiguous(memory_format=torch.channels_last)
+    loader.resolution = None
+    assert next(iter(loader))[0].shape == (16, 3, 32, 32)

@@ -46,6 +46,8 @@ class TrainConfig:
     wd_on_norm_and_bias: bool = False
     norm_bias_lr_scale: float = 1.0  # airbench: batch-norm biases like a higher learning rate
     freeze_norm_scale: bool = False  # keep batch-norm scales at 1 (airbench)
+    low_res: int = 0  # progressive resizing: train the first epochs at low_res x low_res (0 = off)
+    low_res_fraction: float = 0.5  # share of the epochs trained at low_res
     whiten_stem: bool = False  # first conv = frozen whitening of training patches (airbench)
     schedule: str = "onecycle"  # onecycle | cosine | step | constant
     warmup_epochs: float = 0.0
@@ -240,3 +242,5 @@ def validate(cfg: TrainConfig) -> None:
          "auto, cpu, cuda or cuda:N", cfg.device)
     need(isinstance(cfg.threads, int) and cfg.threads >= 0, "--threads", "a non-negative integer", cfg.threads)
     need(cfg.step_size > 0, "step_size", "a positive integer", cfg.step_size)
+    need(cfg.low_res == 0 or 8 <= cfg.low_res <= 32, "low_res", "0 (off) or a size in 8..32", cfg.low_res)
+    need(0 <= cfg.low_res_fraction <= 1, "low_res_fraction", "a number in [0, 1]", cfg.low_res_fraction)

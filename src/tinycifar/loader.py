@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
+import torch.nn.functional as F
 
 from .augment import AugmentConfig, augment
 from .data import Split
@@ -62,6 +63,7 @@ class DeviceLoader:
         self.mean = torch.tensor(mean, device=self.device).view(1, -1, 1, 1) * 255
         self.std = torch.tensor(std, device=self.device).view(1, -1, 1, 1) * 255
         self.epoch = 0
+        self.resolution: int | None = None  # train at a lower resolution (progressive resizing)
         self.flip_bits = None
         if aug is not None and aug.alternate_flip:
             gen = torch.Generator().manual_seed(seed)
@@ -109,6 +111,9 @@ class DeviceLoader:
             x = self.normalize(self.images[idx])
             if self.train and self.aug is not None:
                 x = augment(x, self.aug, gen, self.alternating_flips(idx))
+            if self.resolution and self.resolution != x.shape[-1]:
+                x = F.interpolate(x, size=(self.resolution, self.resolution), mode="bilinear",
+                                  antialias=True, align_corners=False)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             yield x, self.labels[idx]

@@ -384,6 +384,7 @@ def _train(cfg: TrainConfig, env: DistEnv, data: tuple[Split, Split] | None) -> 
     stop_reason = ""
     for epoch in range(start_epoch, cfg.epochs):
         train_loader.set_epoch(epoch)
+        train_loader.resolution = cfg.low_res if epoch < int(cfg.low_res_fraction * cfg.epochs) else None
         # dropout stream: reproducible on resume, and its own on each rank
         torch.manual_seed(cfg.seed * 1_000_003 + epoch + 7919 * env.rank)
         model.train()
