@@ -14,13 +14,7 @@ from tinycifar.checkpoint import save_checkpoint
 from tinycifar.cli import main
 from tinycifar.models import create_model
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def base(out: Path) -> list[str]:

@@ -16,13 +16,7 @@ def era9() -> nn.Module:
     return create_model("era9").eval()
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The test machine has two cores shared with other work; two threads each would thrash."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def convs(model: nn.Module) -> list[tuple[str, nn.Conv2d]]:

@@ -21,14 +21,7 @@ from tinycifar.summary import (
     receptive_field_walk,
 )
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The test machine has two cores shared with other work; two threads each would thrash."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_net() -> Net:
