@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import command_line, machine_info, markdown_table  # noqa: E402
 
-from tinycifar.config import resolve_config  # noqa: E402
+from tinycifar.config import parse_assignments, resolve_config  # noqa: E402
 from tinycifar.data import load_cifar10  # noqa: E402
 from tinycifar.train import train  # noqa: E402
 
@@ -57,9 +57,7 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/time_to_accuracy", help="JSON and Markdown path stem")
     args = ap.parse_args()
 
-    from tinycifar.config import parse_assignment
-
-    overrides = dict(parse_assignment(s) for s in args.set)
+    overrides = parse_assignments(args.set)
     probe = resolve_config(args.presets[0], overrides=overrides)
     data_root = args.data or probe.data
     data = load_cifar10(data_root)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import CheckpointError
-from .config import PRESETS, ConfigError, load_config_file, parse_assignment, resolve_config
+from .config import PRESETS, ConfigError, load_config_file, parse_assignments, resolve_config
 from .data import DatasetError
 
 EXIT_BAD_INPUT = 2
@@ -84,12 +84,7 @@ _NOT_CONFIG = {"command", "preset", "config", "set", "aug_policy", "func"}
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     values = {k: v for k, v in vars(args).items() if k not in _NOT_CONFIG and v is not None}
-    for text in args.set:
-        key, value = parse_assignment(text)
-        if key.startswith("aug."):
-            values.setdefault("aug", {})[key[4:]] = value
-        else:
-            values[key] = value
+    values.update(parse_assignments(args.set))
     if args.aug_policy is not None:
         values.setdefault("aug", {})["policy"] = args.aug_policy
     return values

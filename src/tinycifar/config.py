@@ -141,6 +141,18 @@ def parse_assignment(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
+def parse_assignments(texts: list[str]) -> dict[str, Any]:
+    """Several --set values as one override dict; 'aug.X' keys go into the 'aug' table."""
+    values: dict[str, Any] = {}
+    for text in texts:
+        key, value = parse_assignment(text)
+        if key.startswith("aug."):
+            values.setdefault("aug", {})[key[4:]] = value
+        else:
+            values[key] = value
+    return values
+
+
 def resolve_config(preset: str, file_values: dict[str, Any] | None = None,
                    overrides: dict[str, Any] | None = None) -> TrainConfig:
     if preset not in PRESETS:
