@@ -403,3 +403,40 @@ def test_diverging_lr_ends_with_exit_1_and_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 1
     assert len(err) == 1 and "training loss is" in err[0] and "lower --lr" in err[0]
+
+
+def test_whitening_stem_is_frozen_and_whitens_training_patches(tmp_path):
+    result = train(quick_cfg(tmp_path / "run", epochs=1, whiten_stem=True, freeze_norm_scale=True))
+    state = load_checkpoint(result.run_dir / "last.pt")
+    model = model_from_checkpoint(state)
+    stem = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+    train_split, _ = synthetic_cifar10(512, 128, seed=0)
+    mean, std = state["mean"], state["std"]
+    x = (train_split.images.float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    half = stem.out_channels // 2
+    out = nn.functional.conv2d(x, stem.weight[:half])  # valid patches only
+    per_filter = out.transpose(0, 1).reshape(half, -1)
+    cov = torch.cov(per_filter)
+    # whitened: unit variance, uncorrelated (up to the small eps regulariser) - and still so after training
+    assert torch.allclose(cov.diag(), torch.ones(half), atol=0.05)
+    assert (cov - torch.diag(cov.diag())).abs().max() < 0.05
+    assert torch.equal(stem.weight[half:], -stem.weight[:half])
+    bn_scales = [m.weight for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert all(torch.equal(w, torch.ones_like(w)) for w in bn_scales)
+
+
+def test_progressive_resizing_trains_the_first_epochs_at_low_resolution(tmp_path, monkeypatch):
+    seen = []
+    original = DeviceLoader.__iter__
+
+    def spy(self):
+        for x, y in original(self):
+            if self.train:
+                seen.append(x.shape[-1])
+            yield x, y
+
+    monkeypatch.setattr(DeviceLoader, "__iter__", spy)
+    train(quick_cfg(tmp_path / "run", epochs=4, low_res=16, low_res_fraction=0.5))
+    per_epoch = len(seen) // 4
+    assert seen[: 2 * per_epoch] == [16] * (2 * per_epoch)
+    assert seen[2 * per_epoch :] == [32] * (2 * per_epoch)
