@@ -21,8 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import command_line, machine_info, markdown_table  # noqa: E402
 
 from tinycifar.config import parse_assignments, resolve_config  # noqa: E402
-from tinycifar.data import load_cifar10  # noqa: E402
-from tinycifar.train import train  # noqa: E402
+from tinycifar.train import load_data, train  # noqa: E402
 
 
 def run_one(preset: str, seed: int, target: float, data, overrides: dict, out_root: Path) -> dict:
@@ -58,14 +57,15 @@ def main() -> None:
     args = ap.parse_args()
 
     overrides = parse_assignments(args.set)
+    if args.data:
+        overrides["data"] = args.data
     probe = resolve_config(args.presets[0], overrides=overrides)
-    data_root = args.data or probe.data
-    data = load_cifar10(data_root)
+    data = load_data(probe, quiet=True)  # loaded once, shared by every run
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for seed in range(args.seeds):
             for preset in args.presets:
-                row = run_one(preset, seed, args.target, data, {**overrides, "data": data_root}, Path(tmp))
+                row = run_one(preset, seed, args.target, data, overrides, Path(tmp))
                 print(json.dumps(row), flush=True)
                 rows.append(row)
 
