@@ -36,9 +36,9 @@ SUMMARY_KEYS = {"best_acc", "final_acc", "epoch_reached_target", "train_seconds"
 TIMING_KEYS = {"train_seconds", "images_per_second", "seconds_to_target"}
 
 # the same run as command-line options (for the subprocess tests) and as config values
-CLI_ARGS = ["--dataset", "synthetic", "--set", "synthetic_size=512", "--batch-size", "32", "--lr", "0.05",
-            "--aug", "none", "--precision", "fp32", "--device", "cpu", "--threads", "1", "--quiet"]
-QUICK = dict(dataset="synthetic", synthetic_size=512, batch_size=32, lr=0.05, aug={"policy": "none"},
+CLI_ARGS = ["--model", "era9", "--dataset", "synthetic", "--set", "synthetic_size=512", "--batch-size", "32",
+            "--lr", "0.05", "--aug", "none", "--precision", "fp32", "--device", "cpu", "--threads", "1", "--quiet"]
+QUICK = dict(model="era9", dataset="synthetic", synthetic_size=512, batch_size=32, lr=0.05, aug={"policy": "none"},
              precision="fp32", device="cpu", threads=1, quiet=True)
 
 
@@ -309,7 +309,7 @@ def test_ema_weights_are_what_the_checkpoint_serves(tmp_path):
     result = train(cfg)
     state = load_checkpoint(tmp_path / "ema" / "last.pt")
     assert state["ema_state"] is not None and state["ema_full_state"] is not None
-    key = "features.0.0.0.weight"
+    key = "features.0.1.0.weight"  # a trained layer (the preset's whitening stem is frozen)
     assert not torch.equal(state["ema_state"][key], state["model_state"][key])
     model = model_from_checkpoint(state)
     assert torch.equal(model.state_dict()[key], state["ema_state"][key])
