@@ -4,8 +4,8 @@ Images per second at each batch size for four engines running the same checkpoin
 PyTorch eager fp32, PyTorch eager under bf16 autocast, ONNX Runtime fp32 and ONNX Runtime
 int8 (static QDQ, per-channel; see tinycifar.export). Inputs are float RGB 0..1 with the
 normalization inside every model, as ``tinycifar predict`` and the exported files use them.
-Each cell is the best of ``--repeats`` timed windows of at least ``--seconds``, so a
-neighbour's burst of CPU use costs less; the load average at the start is recorded too.
+Each cell is the median of ``--repeats`` timed windows of at least ``--seconds``, so a
+neighbour's burst of CPU use counts less; the load average at the start is recorded too.
 
 With ``--accuracy`` the three fp32/int8 engines (and bf16) also classify the whole test set
 and the report gives the int8 drop against fp32 and how often the two disagree.
@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -59,18 +60,18 @@ def ort_runner(path: Path, threads: int) -> Runner:
 
 
 def images_per_second(run: Runner, batch: int, seconds: float, repeats: int) -> float:
-    """Best of ``repeats`` windows, each at least ``seconds`` long and at least 3 calls."""
+    """Median of ``repeats`` windows, each at least ``seconds`` long and at least 3 calls."""
     x = np.random.default_rng(0).random((batch, 3, 32, 32), dtype=np.float32)
     for _ in range(3):  # warm-up: allocations, kernel selection, lazy initialisation
         run(x)
-    best = 0.0
+    rates = []
     for _ in range(repeats):
         calls, start = 0, time.perf_counter()
         while calls < 3 or time.perf_counter() - start < seconds:
             run(x)
             calls += 1
-        best = max(best, calls * batch / (time.perf_counter() - start))
-    return best
+        rates.append(calls * batch / (time.perf_counter() - start))
+    return statistics.median(rates)
 
 
 def predictions(run: Runner, images: torch.Tensor, batch: int = 500) -> np.ndarray:
@@ -84,7 +85,7 @@ def main() -> None:
     ap.add_argument("--checkpoint", required=True, type=Path)
     ap.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 256])
     ap.add_argument("--seconds", type=float, default=3.0, help="length of one timed window")
-    ap.add_argument("--repeats", type=int, default=3, help="timed windows per cell; the best counts")
+    ap.add_argument("--repeats", type=int, default=3, help="timed windows per cell; the median counts")
     ap.add_argument("--threads", type=int, default=0, help="threads for PyTorch and ONNX Runtime (0: torch's default)")
     ap.add_argument("--accuracy", action="store_true", help="also measure test accuracy, fp32 against int8")
     ap.add_argument("--limit", type=int, default=0, help="test images for --accuracy (0: all)")
