@@ -95,7 +95,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # epochs count, the first third of the epochs at 20x20 (0.45x the compute), one-cycle
     # Nesterov SGD, label smoothing, flip + translate + cutout. bf16 + channels_last on CPUs.
     "fast": dict(
-        model="fastnet", epochs=12, batch_size=512, aug=dict(policy="fast", cutout_size=8),
+        model="fastnet", epochs=14, batch_size=512, aug=dict(policy="fast", cutout_size=8),
         optimizer="sgd", lr=0.1, nesterov=True, weight_decay=5e-4, schedule="onecycle",
         pct_start=0.25, label_smoothing=0.1, whiten_stem=True, low_res=20, low_res_fraction=0.34,
     ),
