@@ -141,7 +141,7 @@ def main() -> None:
           f"Checkpoint: `{args.checkpoint}` ({state['model']}, epoch {state.get('epoch')})", "",
           "Machine:", "", *(f"- {k}: {v}" for k, v in info.items()), "",
           "## Images per second", "", markdown_table(speed, speed_cols), "",
-          f"Best of {args.repeats} windows of at least {args.seconds:g} s, random 0..1 inputs. "
+          f"Median of {args.repeats} windows of at least {args.seconds:g} s, random 0..1 inputs. "
           "The load average shows whether other work shared the CPU."]
     if acc_rows:
         md += ["", f"## Test accuracy ({len(labels):,} images)", "",
