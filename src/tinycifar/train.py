@@ -289,7 +289,10 @@ def train(cfg: TrainConfig, data: tuple[Split, Split] | None = None) -> RunResul
     """Train as ``cfg`` says; returns the run folder and its summary."""
     env = init_distributed(cfg.device)
     try:
-        return _train(cfg, env, data)
+        result = _train(cfg, env, data)
+        if env.owns_group:
+            dist.barrier()  # no rank tears the group down while another still writes or reduces
+        return result
     finally:
         if env.owns_group and dist.is_initialized():
             dist.destroy_process_group()
