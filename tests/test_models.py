@@ -1,4 +1,4 @@
-"""The era9 network meets the assignment's constraints, checked on the model object itself."""
+"""Every registered network meets the assignment's constraints, checked on the model object itself."""
 
 from __future__ import annotations
 
@@ -16,6 +16,12 @@ def era9() -> nn.Module:
     return create_model("era9").eval()
 
 
+@pytest.fixture(scope="module", params=sorted(MODEL_REGISTRY))
+def net(request) -> nn.Module:
+    torch.manual_seed(0)
+    return create_model(request.param).eval()
+
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -23,27 +29,36 @@ def convs(model: nn.Module) -> list[tuple[str, nn.Conv2d]]:
     return [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
 
 
-def test_era9_has_fewer_than_200k_parameters(era9):
-    params = count_params(era9)
+def test_every_network_has_fewer_than_200k_parameters(net):
+    params = count_params(net)
     assert params < 200_000
-    assert params == sum(p.numel() for p in era9.parameters() if p.requires_grad)
+    assert params == sum(p.numel() for p in net.parameters() if p.requires_grad)
 
 
-def test_era9_has_no_max_pooling(era9):
+def test_every_network_has_no_max_pooling(net):
     assert not any(isinstance(m, (nn.MaxPool2d, nn.MaxPool1d, nn.MaxPool3d, nn.AdaptiveMaxPool2d))
-                   for m in era9.modules())
+                   for m in net.modules())
 
 
-def test_era9_has_a_depthwise_conv_followed_by_a_pointwise_conv(era9):
-    layers = convs(era9)
+def test_every_network_has_a_depthwise_conv_followed_by_a_pointwise_conv(net):
+    layers = convs(net)
     pairs = [(a, b) for (_, a), (_, b) in zip(layers, layers[1:], strict=False)
              if a.groups == a.in_channels > 1 and a.out_channels == a.in_channels
              and b.kernel_size == (1, 1) and b.groups == 1 and b.in_channels == a.out_channels]
     assert pairs, "no depthwise conv followed by a 1x1 conv"
 
 
-def test_era9_has_a_dilated_conv(era9):
-    assert any(max(m.dilation) > 1 for _, m in convs(era9))
+def test_every_network_has_a_dilated_conv(net):
+    assert any(max(m.dilation) > 1 for _, m in convs(net))
+
+
+def test_every_network_downsamples_only_with_strided_convs(net):
+    assert not any(isinstance(m, (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d))
+                   for m in net.features.modules())
+    with torch.no_grad():
+        fmap = net.features(torch.zeros(2, 3, 32, 32))
+    strided = [m for _, m in convs(net) if max(m.stride) > 1]
+    assert fmap.shape[-1] == 32 // 2 ** len(strided)
 
 
 def test_era9_downsamples_only_with_strided_convs(era9):
@@ -57,8 +72,8 @@ def test_era9_downsamples_only_with_strided_convs(era9):
     assert fmap.shape[-2:] == (4, 4)
 
 
-def test_era9_ends_with_global_average_pooling_then_linear_to_10(era9):
-    leaves = [m for m in era9.modules() if not list(m.children())]
+def test_every_network_ends_with_global_average_pooling_then_linear_to_10(net):
+    leaves = [m for m in net.modules() if not list(m.children())]
     pool_at = max(i for i, m in enumerate(leaves) if isinstance(m, nn.AdaptiveAvgPool2d))
     assert leaves[pool_at].output_size in (1, (1, 1))
     after = [m for m in leaves[pool_at + 1:] if not isinstance(m, nn.Flatten)]
@@ -67,9 +82,9 @@ def test_era9_ends_with_global_average_pooling_then_linear_to_10(era9):
     assert isinstance(leaves[-1], nn.Linear)
 
 
-def test_era9_receptive_field_is_above_44(era9):
-    assert receptive_field(era9) > 44
-    rfs = [s.rf for s in receptive_field_walk(era9)]
+def test_every_network_has_a_receptive_field_above_44(net):
+    assert receptive_field(net) > 44
+    rfs = [s.rf for s in receptive_field_walk(net)]
     assert rfs == sorted(rfs)
 
 
@@ -107,3 +122,11 @@ def test_registering_a_name_twice_is_refused():
     with pytest.raises(ValueError, match="already registered"):
         register_model("era9")(lambda: nn.Linear(1, 1))
     assert MODEL_REGISTRY["era9"].__name__ == "era9"
+
+
+@pytest.mark.parametrize("name, params", [("slimres50k", 51_258), ("slimres100k", 111_442), ("slimres200k", 194_666)])
+def test_slimres_family_sizes_match_their_names_and_docstrings(name, params):
+    model = create_model(name)
+    assert count_params(model) == params
+    assert f"{params:,}" in MODEL_REGISTRY[name].__doc__
+    assert receptive_field(model) == 61
