@@ -39,7 +39,7 @@ def atomic_write_bytes(path: Path, write) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; give the usual permissions
         os.replace(tmp, path)
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
@@ -49,7 +49,8 @@ def atomic_write_bytes(path: Path, write) -> None:
         raise
 
 
-def _umask() -> int:
+def current_umask() -> int:
+    """The process umask; reading it means setting it, so it is set straight back."""
     mask = os.umask(0)
     os.umask(mask)
     return mask

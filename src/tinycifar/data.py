@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from .checkpoint import current_umask
+
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 ARCHIVE_NAME = "cifar-10-python.tar.gz"
@@ -260,9 +262,7 @@ def extract_archive(archive: Path, root: Path, md5: str | None = ARCHIVE_MD5) ->
             raise DatasetError(f"{archive}: does not contain {PY_DIR}/")
         target = root / PY_DIR
         if not target.exists():
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(extracted, 0o777 & ~umask)  # TemporaryDirectory made it 0700
+            os.chmod(extracted, 0o777 & ~current_umask())  # TemporaryDirectory made it 0700
             os.replace(extracted, target)
 
 
