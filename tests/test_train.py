@@ -24,7 +24,7 @@ from tinycifar import train as train_mod
 from tinycifar.checkpoint import load_checkpoint, model_from_checkpoint
 from tinycifar.cli import main
 from tinycifar.config import TrainConfig, resolve_config
-from tinycifar.data import synthetic_cifar10
+from tinycifar.data import DatasetError, synthetic_cifar10
 from tinycifar.evaluate import evaluate
 from tinycifar.loader import DeviceLoader
 from tinycifar.models import ClassifierHead, Net, create_model
@@ -203,6 +203,28 @@ def test_resume_refuses_to_change_the_recipe(basic_run, capsys):
     cfg, _ = basic_run
     assert main(["train", "--resume", "--out", cfg.out, "--lr", "0.5"]) == 2
     assert "cannot change lr" in capsys.readouterr().err
+
+
+def test_resume_accepts_the_recipes_own_augmentation_policy_and_refuses_another(basic_run, capsys):
+    cfg, _ = basic_run
+    before = read_metrics(Path(cfg.out))
+    assert main(["train", "--resume", "--out", cfg.out, "--aug", cfg.aug.policy, "--quiet"]) == 0
+    assert read_metrics(Path(cfg.out)) == before
+    assert main(["train", "--resume", "--out", cfg.out, "--aug", "seed"]) == 2
+    assert "cannot change aug" in capsys.readouterr().err
+
+
+def test_a_missing_dataset_leaves_no_run_folder_behind(tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(DatasetError):
+        train(quick_cfg(out, dataset="cifar10", data=str(tmp_path / "no-data"), download=False))
+    assert not out.exists()
+
+
+def test_threads_option_is_restored_after_the_run(tmp_path, one_thread):
+    assert torch.get_num_threads() == 1
+    train(quick_cfg(tmp_path / "run", epochs=1, threads=2))
+    assert torch.get_num_threads() == 1
 
 
 # ---------------------------------------------------------------------------- learning-rate schedules

@@ -288,12 +288,14 @@ def model_kwargs(cfg: TrainConfig) -> dict[str, Any]:
 def train(cfg: TrainConfig, data: tuple[Split, Split] | None = None) -> RunResult:
     """Train as ``cfg`` says; returns the run folder and its summary."""
     env = init_distributed(cfg.device)
+    threads = torch.get_num_threads()
     try:
         result = _train(cfg, env, data)
         if env.owns_group:
             dist.barrier()  # no rank tears the group down while another still writes or reduces
         return result
     finally:
+        torch.set_num_threads(threads)  # --threads is for this run, not for the caller's process
         if env.owns_group and dist.is_initialized():
             dist.destroy_process_group()
 
@@ -309,13 +311,13 @@ def _train(cfg: TrainConfig, env: DistEnv, data: tuple[Split, Split] | None) -> 
         raise ConfigError(f"--batch-size {cfg.batch_size}: must be divisible by the {env.world_size} processes")
     quiet = cfg.quiet or not env.is_main
 
+    # The data first: a missing or corrupt dataset must not leave an empty run folder behind.
+    train_split, test_split = data if data is not None else rank0_first(env, lambda: load_data(cfg, quiet))
     # Rank 0 checks and creates the run folder; every rank gets its path (the default one is
     # timestamped) and reads the resume checkpoint from it before rank 0 can overwrite it
     # (that happens only after the collectives of a whole epoch).
     run_dir = rank0_first(env, lambda: prepare_run_dir(cfg), share=True)
     resume_state = load_checkpoint(run_dir / "last.pt") if cfg.resume else None
-
-    train_split, test_split = data if data is not None else rank0_first(env, lambda: load_data(cfg, quiet))
     mean, std = channel_stats(train_split.images)
     torch.manual_seed(cfg.seed)
     model = create_model(cfg.model, **model_kwargs(cfg)).to(device)
@@ -523,11 +525,16 @@ def resume_config(run_dir: Path, overrides: dict[str, Any]) -> TrainConfig:
     saved = dict(state["config"])
     cfg = _merge(TrainConfig(), saved, f"{run_dir / 'last.pt'}")
     allowed = {"quiet", "report", "device", "threads", "resume", "out", "data", "download"}
-    changed = {k for k, v in overrides.items() if k not in allowed and saved.get(k) != v}
+
+    def differs(key: str, value: Any) -> bool:
+        if key == "aug" and isinstance(value, dict) and isinstance(saved.get("aug"), dict):
+            return any(saved["aug"].get(k) != v for k, v in value.items())  # --aug X names one field
+        return saved.get(key) != value
+
+    changed = {k for k, v in overrides.items() if k not in allowed and differs(k, v)}
     if changed:
         raise ConfigError(f"--resume: cannot change {', '.join(sorted(changed))} of a started run")
-    for k, v in overrides.items():
-        setattr(cfg, k, v)
+    cfg = _merge(cfg, overrides, "command line")
     cfg.resume, cfg.out = True, str(run_dir)
     validate(cfg)
     return cfg
