@@ -1,0 +1,74 @@
+"""Gather finished run folders into one accuracy table (JSON + Markdown).
+
+Long runs are trained with `tinycifar train` in the background (checkpointed, resumable);
+this reads what they wrote, so every number in the table comes from a run folder.
+
+    python benchmarks/collect_runs.py runs/best-s0 runs/best-s1 --out benchmarks/results/best
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import command_line, machine_info, markdown_table  # noqa: E402
+from time_to_accuracy import median_of  # noqa: E402
+
+COLUMNS = ["run", "model", "params", "seed", "epochs", "batch", "threads", "final_acc", "final_acc_tta", "best_acc",
+           "train_minutes", "eval_minutes", "images_per_second"]
+
+
+def read_run(run_dir: Path) -> dict:
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+        config = json.loads((run_dir / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise SystemExit(f"{run_dir}: not a finished run folder ({e})") from None
+    eval_seconds = 0.0
+    with open(run_dir / "metrics.csv") as f:
+        header = f.readline().strip().split(",")
+        if "eval_seconds" in header:
+            col = header.index("eval_seconds")
+            eval_seconds = sum(float(line.split(",")[col]) for line in f if line.strip())
+    return {
+        "run": str(run_dir), "model": summary["model"], "params": summary["params"], "seed": config.get("seed"),
+        "epochs": summary["epochs_run"], "batch": config.get("batch_size"), "threads": config.get("threads"),
+        "final_acc": summary["final_acc"], "final_acc_tta": summary.get("final_acc_tta"),
+        "best_acc": summary["best_acc"], "train_minutes": round(summary["train_seconds"] / 60, 1),
+        "eval_minutes": round(eval_seconds / 60, 1), "images_per_second": summary["images_per_second"],
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("runs", nargs="+", type=Path)
+    ap.add_argument("--out", required=True, help="JSON and Markdown path stem")
+    args = ap.parse_args()
+
+    rows = [read_run(r) for r in args.runs]
+    medians = []
+    for model in dict.fromkeys(r["model"] for r in rows):
+        mine = [r for r in rows if r["model"] == model]
+        medians.append({"model": model, "params": mine[0]["params"], "runs": len(mine),
+                        **{k: median_of(mine, k) for k in ("final_acc", "final_acc_tta", "best_acc", "train_minutes")}})
+    report = {"command": command_line(), "machine": machine_info(), "runs": rows, "medians": medians}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    md = ["# Run folders", "", f"Command: `{report['command']}`", "",
+          "Machine: " + ", ".join(f"{k}={v}" for k, v in report["machine"].items()), "",
+          "TTA: logits averaged over 6 views (identity, horizontal flip, and both shifted by one pixel "
+          "diagonally each way). Training minutes exclude the per-epoch evaluation passes (eval_minutes).", "",
+          "## Per run", "", markdown_table(rows, COLUMNS), "", "## Median per network", "",
+          markdown_table(medians, ["model", "params", "runs", "final_acc", "final_acc_tta", "best_acc",
+                                   "train_minutes"])]
+    out.with_suffix(".md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+
+
+if __name__ == "__main__":
+    main()
