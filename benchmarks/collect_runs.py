@@ -18,6 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import command_line, machine_info, markdown_table  # noqa: E402
 from time_to_accuracy import median_of  # noqa: E402
 
+from tinycifar.report import read_history  # noqa: E402
+
 COLUMNS = ["run", "model", "params", "seed", "epochs", "batch", "threads", "final_acc", "final_acc_tta", "best_acc",
            "train_minutes", "eval_minutes", "images_per_second"]
 
@@ -28,12 +30,7 @@ def read_run(run_dir: Path) -> dict:
         config = json.loads((run_dir / "config.json").read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise SystemExit(f"{run_dir}: not a finished run folder ({e})") from None
-    eval_seconds = 0.0
-    with open(run_dir / "metrics.csv") as f:
-        header = f.readline().strip().split(",")
-        if "eval_seconds" in header:
-            col = header.index("eval_seconds")
-            eval_seconds = sum(float(line.split(",")[col]) for line in f if line.strip())
+    eval_seconds = sum(row.get("eval_seconds", 0.0) for row in read_history(run_dir, {}))
     return {
         "run": str(run_dir), "model": summary["model"], "params": summary["params"], "seed": config.get("seed"),
         "epochs": summary["epochs_run"], "batch": config.get("batch_size"), "threads": config.get("threads"),
