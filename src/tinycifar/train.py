@@ -13,6 +13,7 @@ and writes files.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import math
@@ -525,16 +526,13 @@ def resume_config(run_dir: Path, overrides: dict[str, Any]) -> TrainConfig:
     saved = dict(state["config"])
     cfg = _merge(TrainConfig(), saved, f"{run_dir / 'last.pt'}")
     allowed = {"quiet", "report", "device", "threads", "resume", "out", "data", "download"}
-
-    def differs(key: str, value: Any) -> bool:
-        if key == "aug" and isinstance(value, dict) and isinstance(saved.get("aug"), dict):
-            return any(saved["aug"].get(k) != v for k, v in value.items())  # --aug X names one field
-        return saved.get(key) != value
-
-    changed = {k for k, v in overrides.items() if k not in allowed and differs(k, v)}
+    # Compare merged configs, not raw options: `--aug X` names one field of the saved table.
+    merged = _merge(dataclasses.replace(cfg), overrides, "command line")
+    before, after = cfg.to_dict(), merged.to_dict()
+    changed = {k for k in after if k not in allowed and after[k] != before[k]}
     if changed:
         raise ConfigError(f"--resume: cannot change {', '.join(sorted(changed))} of a started run")
-    cfg = _merge(cfg, overrides, "command line")
+    cfg = merged
     cfg.resume, cfg.out = True, str(run_dir)
     validate(cfg)
     return cfg
