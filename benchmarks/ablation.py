@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import command_line, machine_info, markdown_table  # noqa: E402
 from time_to_accuracy import median_of, run_one  # noqa: E402
 
-from tinycifar.config import parse_assignments, resolve_config  # noqa: E402
+from tinycifar.config import apply_overrides, parse_assignments, resolve_config  # noqa: E402
 from tinycifar.train import load_data  # noqa: E402
 
 # name -> overrides of the fast preset; "-" takes a lever away, "+" adds one.
@@ -33,6 +33,9 @@ VARIANTS: dict[str, dict] = {
     "- cutout": {"aug": {"cutout_size": 0}},
     "- one-cycle (cosine)": {"schedule": "cosine"},
     "+ alternating flips": {"aug": {"alternate_flip": True}},
+    "+ EMA of the weights (0.99)": {"ema_decay": 0.99},
+    "+ frozen batch-norm scales": {"freeze_norm_scale": True},
+    "+ batch-norm biases at 4x lr": {"norm_bias_lr_scale": 4.0},
     "+ batch 256, lr 0.07": {"batch_size": 256, "lr": 0.07},
 }
 
@@ -47,16 +50,14 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/ablation", help="JSON and Markdown path stem")
     args = ap.parse_args()
 
-    common = parse_assignments(args.set)
-    data = load_data(resolve_config(args.preset, overrides=common), quiet=True)
+    base = resolve_config(args.preset, overrides=parse_assignments(args.set))
+    data = load_data(base, quiet=True)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for seed in range(args.seeds):  # variants interleaved per seed: all see the same drift
             for i, name in enumerate(args.variants):
-                overrides = {**common, **VARIANTS[name]}
-                if "aug" in common and "aug" in VARIANTS[name]:
-                    overrides["aug"] = {**common["aug"], **VARIANTS[name]["aug"]}
-                row = {"variant": name, **run_one(args.preset, seed, args.target, data, overrides, Path(tmp) / str(i))}
+                cfg = apply_overrides(base, VARIANTS[name], f"variant {name!r}")
+                row = {"variant": name, **run_one(cfg, seed, args.target, data, Path(tmp) / str(i))}
                 print(json.dumps(row), flush=True)
                 rows.append(row)
 

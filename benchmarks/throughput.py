@@ -37,17 +37,19 @@ def sync(device: torch.device) -> None:
 
 
 def measure(model_name: str, precision: str, channels_last: bool, batch: int, policy: str, steps: int,
-            device: torch.device) -> dict:
+            device: torch.device, compiled: bool = False) -> dict:
     torch.manual_seed(0)
     model = create_model(model_name).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     opt = build_optimizer(model, TrainConfig(lr=0.01))
+    net = torch.compile(model) if compiled else model
     aug = AugmentConfig(policy=policy, cutout_size=8)
     g = torch.Generator(device=device).manual_seed(0)
     x0 = torch.randn(batch, 3, 32, 32, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
     phases = {"augment": [], "forward": [], "backward": [], "optimizer": []}
+    warmup_start = time.perf_counter()
     for step in range(steps + 2):  # two warm-up steps
         t0 = time.perf_counter()
         x = augment(x0, aug, g)
@@ -56,7 +58,7 @@ def measure(model_name: str, precision: str, channels_last: bool, batch: int, po
         sync(device)
         t1 = time.perf_counter()
         with autocast_context(device, precision):
-            loss = F.cross_entropy(model(x).float(), y)
+            loss = F.cross_entropy(net(x).float(), y)
         sync(device)
         t2 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
@@ -66,13 +68,16 @@ def measure(model_name: str, precision: str, channels_last: bool, batch: int, po
         opt.step()
         sync(device)
         t4 = time.perf_counter()
+        if step == 1:
+            warmup_seconds = t4 - warmup_start  # includes torch.compile's compilation
         if step >= 2:
             for k, seconds in zip(phases, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
                 phases[k].append(seconds)
     step_times = [sum(p[i] for p in phases.values()) for i in range(steps)]
     median_step = statistics.median(step_times)
     row = {"model": model_name, "precision": precision, "channels_last": channels_last, "batch": batch,
-           "images_per_second": round(batch / median_step, 1)}
+           "compiled": compiled, "images_per_second": round(batch / median_step, 1),
+           "warmup_seconds": round(warmup_seconds, 1)}
     total = sum(statistics.median(v) for v in phases.values())
     for k, v in phases.items():
         row[f"{k}_%"] = round(100 * statistics.median(v) / total, 1)
@@ -86,25 +91,27 @@ def main() -> None:
     ap.add_argument("--batch-sizes", nargs="+", type=int, default=[256, 512, 1024])
     ap.add_argument("--policy", default="fast")
     ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--compile", action="store_true", help="also measure each case under torch.compile")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default="benchmarks/results/throughput")
     args = ap.parse_args()
     device = torch.device(args.device)
     rows = []
-    for model, precision, cl, batch in itertools.product(args.models, args.precisions, (False, True),
-                                                         args.batch_sizes):
-        row = measure(model, precision, cl, batch, args.policy, args.steps, device)
+    for model, precision, cl, batch, compiled in itertools.product(
+            args.models, args.precisions, (False, True), args.batch_sizes, (False, True) if args.compile else (False,)):
+        row = measure(model, precision, cl, batch, args.policy, args.steps, device, compiled)
         print(json.dumps(row), flush=True)
         rows.append(row)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     report = {"command": command_line(), "machine": machine_info(), "rows": rows}
     out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    cols = ["model", "precision", "channels_last", "batch", "images_per_second",
+    cols = ["model", "precision", "channels_last", "batch", "compiled", "images_per_second", "warmup_seconds",
             "augment_%", "forward_%", "backward_%", "optimizer_%"]
     md = ["# Training throughput", "", f"Command: `{report['command']}`", "",
           "Machine: " + ", ".join(f"{k}={v}" for k, v in report["machine"].items()), "",
-          f"Median of {args.steps} steps after 2 warm-up steps; augmentation policy `{args.policy}`.", "",
+          f"Median of {args.steps} steps after 2 warm-up steps (warmup_seconds: those two, compilation "
+          f"included); augmentation policy `{args.policy}`.", "",
           markdown_table(rows, cols)]
     out.with_suffix(".md").write_text("\n".join(md) + "\n")
     print("\n".join(md))

@@ -20,18 +20,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import command_line, machine_info, markdown_table  # noqa: E402
 
-from tinycifar.config import parse_assignments, resolve_config  # noqa: E402
+from tinycifar.config import TrainConfig, apply_overrides, parse_assignments, resolve_config, validate  # noqa: E402
 from tinycifar.train import load_data, train  # noqa: E402
 
 
-def run_one(preset: str, seed: int, target: float, data, overrides: dict, out_root: Path) -> dict:
-    cfg = resolve_config(preset, overrides={**overrides, "seed": seed, "quiet": True, "tta": True,
-                                            "target_for_summary": target,
-                                            "out": str(out_root / f"{preset}-seed{seed}")})
+def run_one(cfg: TrainConfig, seed: int, target: float, data, out_root: Path) -> dict:
+    """Train one resolved config for one seed, quietly, and return its row of the report."""
+    cfg = apply_overrides(cfg, {"seed": seed, "quiet": True, "tta": True, "target_for_summary": target,
+                                "out": str(out_root / f"{cfg.preset}-seed{seed}")}, "benchmark")
+    validate(cfg)
     result = train(cfg, data=data)
     s, h = result.summary, result.history
     return {
-        "preset": preset, "model": cfg.model, "seed": seed, "epochs": cfg.epochs,
+        "preset": cfg.preset, "model": cfg.model, "seed": seed, "epochs": cfg.epochs,
         "seconds_to_target": s["seconds_to_target"], "epoch_reached_target": s["epoch_reached_target"],
         "final_acc": s["final_acc"], "final_acc_tta": s.get("final_acc_tta"), "best_acc": s["best_acc"],
         "train_seconds": s["train_seconds"], "eval_seconds": round(sum(r.get("eval_seconds", 0) for r in h), 2),
@@ -59,13 +60,13 @@ def main() -> None:
     overrides = parse_assignments(args.set)
     if args.data:
         overrides["data"] = args.data
-    probe = resolve_config(args.presets[0], overrides=overrides)
-    data = load_data(probe, quiet=True)  # loaded once, shared by every run
+    configs = {preset: resolve_config(preset, overrides=overrides) for preset in args.presets}
+    data = load_data(configs[args.presets[0]], quiet=True)  # loaded once, shared by every run
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for seed in range(args.seeds):
             for preset in args.presets:
-                row = run_one(preset, seed, args.target, data, overrides, Path(tmp))
+                row = run_one(configs[preset], seed, args.target, data, Path(tmp))
                 print(json.dumps(row), flush=True)
                 rows.append(row)
 

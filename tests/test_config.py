@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tinycifar.config import PRESETS, ConfigError, parse_assignments, resolve_config
+from tinycifar.config import PRESETS, ConfigError, apply_overrides, parse_assignments, resolve_config
 from tinycifar.models import MODEL_REGISTRY, count_params, create_model
 from tinycifar.train import train
 
@@ -23,6 +23,17 @@ def test_command_line_overrides_beat_the_preset():
     cfg = resolve_config("best", overrides=parse_assignments(["epochs=3", "aug.cutout_size=0", "model=slimres50k"]))
     assert (cfg.epochs, cfg.aug.cutout_size, cfg.model) == (3, 0, "slimres50k")
     assert cfg.aug.translate_pad == PRESETS["best"]["aug"]["translate_pad"]  # the rest of the table stays
+
+
+def test_apply_overrides_layers_a_copy_and_keeps_the_rest_of_the_aug_table():
+    """The benchmarks stack a variant on a resolved config; the base must stay reusable."""
+    base = resolve_config("fast")
+    variant = apply_overrides(base, {"batch_size": 256, "aug": {"cutout_size": 0}}, "variant")
+    assert (variant.batch_size, variant.aug.cutout_size) == (256, 0)
+    assert variant.aug.policy == base.aug.policy == "fast"
+    assert (base.batch_size, base.aug.cutout_size) == (512, 8)  # untouched
+    with pytest.raises(ConfigError, match="variant: unknown option 'nope'"):
+        apply_overrides(base, {"nope": 1}, "variant")
 
 
 def test_unknown_preset_names_the_choices():

@@ -113,7 +113,9 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def _merge(cfg: TrainConfig, values: dict[str, Any], source: str) -> TrainConfig:
+def apply_overrides(cfg: TrainConfig, values: dict[str, Any], source: str) -> TrainConfig:
+    """A copy of cfg with one layer of values on top; `source` names that layer in errors."""
+    cfg = dataclasses.replace(cfg)
     fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
     for key, value in values.items():
         if key == "aug":
@@ -171,11 +173,11 @@ def resolve_config(preset: str, file_values: dict[str, Any] | None = None,
                    overrides: dict[str, Any] | None = None) -> TrainConfig:
     if preset not in PRESETS:
         raise ConfigError(f"--preset {preset!r}: unknown; choose from {', '.join(PRESETS)}")
-    cfg = _merge(TrainConfig(preset=preset), PRESETS[preset], f"preset {preset}")
+    cfg = apply_overrides(TrainConfig(preset=preset), PRESETS[preset], f"preset {preset}")
     if file_values:
-        cfg = _merge(cfg, file_values, "config file")
+        cfg = apply_overrides(cfg, file_values, "config file")
     if overrides:
-        cfg = _merge(cfg, overrides, "command line")
+        cfg = apply_overrides(cfg, overrides, "command line")
     validate(cfg)
     return cfg
 

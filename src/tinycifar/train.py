@@ -13,7 +13,6 @@ and writes files.
 from __future__ import annotations
 
 import csv
-import dataclasses
 import io
 import json
 import math
@@ -513,7 +512,7 @@ def summary_line(s: dict[str, Any]) -> str:
 
 def resume_config(run_dir: Path, overrides: dict[str, Any]) -> TrainConfig:
     """The config a run was started with, plus the execution options that may change on resume."""
-    from .config import _merge, validate
+    from .config import apply_overrides, validate
 
     try:
         state = load_checkpoint(run_dir / "last.pt")
@@ -524,10 +523,10 @@ def resume_config(run_dir: Path, overrides: dict[str, Any]) -> TrainConfig:
         raise ConfigError(f"--resume: {run_dir / 'last.pt'} is not a resumable training checkpoint "
                           f"(missing {', '.join(sorted(missing)) or 'config'})")
     saved = dict(state["config"])
-    cfg = _merge(TrainConfig(), saved, f"{run_dir / 'last.pt'}")
+    cfg = apply_overrides(TrainConfig(), saved, f"{run_dir / 'last.pt'}")
     allowed = {"quiet", "report", "device", "threads", "resume", "out", "data", "download"}
     # Compare merged configs, not raw options: `--aug X` names one field of the saved table.
-    merged = _merge(dataclasses.replace(cfg), overrides, "command line")
+    merged = apply_overrides(cfg, overrides, "command line")
     before, after = cfg.to_dict(), merged.to_dict()
     changed = {k for k in after if k not in allowed and after[k] != before[k]}
     if changed:
