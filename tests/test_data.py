@@ -76,6 +76,30 @@ def test_crafted_batch_is_refused_by_load_split(py_tree, tmp_path):
     assert not target.exists()
 
 
+class _ArrayPickle:
+    """Pickles as an ndarray with the given state, the way numpy does, so the state can lie."""
+
+    def __init__(self, shape, dtype, raw):
+        self.state = (1, shape, dtype, False, raw)
+
+    def __reduce__(self):
+        return np.ndarray.__reduce__(np.zeros(0, np.uint8))[:2] + (self.state,)
+
+
+@pytest.mark.parametrize("shape, dtype, raw, expected", [
+    ((4, 3072), np.dtype("u1"), b"\0" * 10, "needs 12288 bytes, found 10"),  # state shorter than its shape
+    ((-1, 3072), np.dtype("u1"), b"", "malformed array shape"),
+    ((2,), np.dtype("O"), [1, 2], "dtype 'O8' is not one"),  # object arrays rebuild arbitrary objects
+    ((2,), np.dtype("u1"), "ab", "malformed array state"),
+], ids=["short-data", "negative-shape", "object-dtype", "str-data"])
+def test_lying_array_state_is_refused_before_numpy_sees_it(tmp_path, shape, dtype, raw, expected):
+    """numpy's own __setstate__ trusts its input (a fuzzed batch crashed the interpreter in it)."""
+    batch = tmp_path / "data_batch_1"
+    batch.write_bytes(pickle.dumps({b"data": _ArrayPickle(shape, dtype, raw), b"labels": [0]}, protocol=4))
+    with pytest.raises(DatasetError, match=expected):
+        data.safe_load_batch(batch)
+
+
 def test_normal_numpy_batch_loads(tmp_path):
     images = torch.randint(0, 256, (7, 3, 32, 32), dtype=torch.uint8)
     labels = torch.tensor([0, 1, 2, 3, 9, 8, 7])

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import http.client
 import io
+import math
 import os
 import pickle
 import tarfile
@@ -65,30 +66,112 @@ class Split:
 
 # ---------------------------------------------------------------------------- safe unpickling
 
-_ALLOWED_GLOBALS = {
-    ("numpy.core.multiarray", "_reconstruct"),
-    ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy", "ndarray"),
-    ("numpy", "dtype"),
-    ("numpy.core.multiarray", "scalar"),
-    ("numpy._core.multiarray", "scalar"),
-}
+# Only these dtypes, in any byte order, can be rebuilt: enough for images and labels.
+_SAFE_DTYPES = {"u1", "i1", "u2", "i2", "u4", "i4", "u8", "i8", "f4", "f8", "b1"}
+
+
+def _text(value: object) -> str:
+    if isinstance(value, bytes):
+        return value.decode("latin1")
+    if isinstance(value, str):
+        return value
+    raise pickle.UnpicklingError(f"expected a string, found {type(value).__name__}")
+
+
+class _DtypeStub:
+    """Stands in for ``numpy.dtype`` while unpickling; becomes a real dtype only once checked.
+
+    numpy's own ``dtype.__setstate__`` and ``ndarray.__setstate__`` trust their input, and a
+    damaged file can crash the interpreter inside them; these stubs validate first.
+    """
+
+    def __init__(self, descr: object = None, align: object = False, copy: object = True):
+        kind = _text(descr)
+        if kind not in _SAFE_DTYPES:
+            raise pickle.UnpicklingError(f"dtype {kind!r} is not one a CIFAR-10 batch uses")
+        self.kind, self.order = kind, "|"
+
+    def __setstate__(self, state: object) -> None:
+        if not isinstance(state, tuple) or len(state) < 2:
+            raise pickle.UnpicklingError("malformed dtype state")
+        order = _text(state[1])
+        if order not in ("|", "<", ">", "="):
+            raise pickle.UnpicklingError(f"malformed dtype byte order {order!r}")
+        self.order = order
+
+    def dtype(self) -> np.dtype:
+        return np.dtype((">" if self.order == ">" else "<") + self.kind)
+
+
+class _ArrayStub:
+    """Stands in for ``numpy.ndarray`` while unpickling; ``array()`` checks and builds it."""
+
+    def __init__(self, cls: object = None, shape: object = None, typecode: object = None):
+        self.value: np.ndarray | None = None
+
+    def __setstate__(self, state: object) -> None:
+        if not isinstance(state, tuple) or len(state) != 5:
+            raise pickle.UnpicklingError("malformed array state")
+        _, shape, dtype, fortran, raw = state
+        if not (isinstance(shape, tuple) and all(type(d) is int and 0 <= d < 2**31 for d in shape)):
+            raise pickle.UnpicklingError(f"malformed array shape {shape!r}")
+        if not isinstance(dtype, _DtypeStub) or not isinstance(raw, bytes) or not isinstance(fortran, int):
+            raise pickle.UnpicklingError("malformed array state")
+        dt = dtype.dtype()
+        count = math.prod(shape)
+        if count * dt.itemsize != len(raw):
+            raise pickle.UnpicklingError(f"array of shape {shape} needs {count * dt.itemsize} bytes, found {len(raw)}")
+        self.value = np.frombuffer(raw, dtype=dt).reshape(shape, order="F" if fortran else "C").copy()
+
+
+def _scalar(dtype: object, raw: object = b"") -> np.generic:
+    if not isinstance(dtype, _DtypeStub) or not isinstance(raw, bytes):
+        raise pickle.UnpicklingError("malformed numpy scalar")
+    dt = dtype.dtype()
+    if len(raw) != dt.itemsize:
+        raise pickle.UnpicklingError("malformed numpy scalar")
+    return np.frombuffer(raw, dtype=dt)[0]
+
+
+_STAND_INS = {"_reconstruct": _ArrayStub, "ndarray": _ArrayStub, "dtype": _DtypeStub, "scalar": _scalar}
+_NUMPY_MODULES = {"numpy", "numpy.core.multiarray", "numpy._core.multiarray"}
 
 
 class SafeUnpickler(pickle.Unpickler):
-    """Admits numpy arrays, dicts, lists, bytes, str and numbers; refuses any other global."""
+    """Admits dicts, lists, bytes, str, numbers and numpy arrays and scalars of plain dtypes.
+
+    numpy's globals are replaced by validating stand-ins, so neither foreign code nor
+    numpy's unchecked reconstruction runs on the file's bytes.
+    """
 
     def find_class(self, module: str, name: str):
-        if (module, name) in _ALLOWED_GLOBALS:
-            return super().find_class(module, name)
+        if module in _NUMPY_MODULES and name in _STAND_INS:
+            return _STAND_INS[name]
         raise pickle.UnpicklingError(f"refused global {module}.{name}: not part of a CIFAR-10 batch")
+
+
+def _materialize(obj: object) -> object:
+    """Swap the array stand-ins left in the unpickled structure for the arrays they built."""
+    if isinstance(obj, _ArrayStub):
+        if obj.value is None:
+            raise pickle.UnpicklingError("array without state")
+        return obj.value
+    if isinstance(obj, _DtypeStub):
+        return obj.dtype()
+    if isinstance(obj, dict):
+        return {k: _materialize(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_materialize(v) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(_materialize(v) for v in obj)
+    return obj
 
 
 def safe_load_batch(path: Path) -> dict:
     """Unpickle one python-version batch without running foreign code."""
     try:
         with open(path, "rb") as f:
-            obj = SafeUnpickler(f, encoding="bytes").load()
+            obj = _materialize(SafeUnpickler(f, encoding="bytes").load())
     except FileNotFoundError:
         raise DatasetError(f"{path}: file is missing") from None
     except pickle.UnpicklingError as e:
