@@ -190,8 +190,8 @@ def ema_with_warmup(decay: float):
     `decay` after a few hundred steps, where later evaluations no longer see a difference.
     """
     def update(ema_tensors: list[torch.Tensor], tensors: list[torch.Tensor], n_averaged: torch.Tensor) -> None:
-        n = float(n_averaged)
-        d = min(decay, (1 + n) / (10 + n))
+        # a tensor on the model's device: no host sync per step on GPUs
+        d = torch.clamp((1 + n_averaged) / (10 + n_averaged), max=decay)
         if torch.is_floating_point(ema_tensors[0]):
             torch._foreach_lerp_(ema_tensors, tensors, 1 - d)
         else:  # counters such as num_batches_tracked: take the model's
