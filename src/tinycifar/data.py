@@ -103,8 +103,17 @@ class _DtypeStub:
         return np.dtype((">" if self.order == ">" else "<") + self.kind)
 
 
+def _array_from_bytes(dtype: _DtypeStub, raw: bytes, shape: tuple[int, ...], order: str = "C") -> np.ndarray:
+    """The one place the file's bytes become an array: only once their count fits the shape."""
+    dt = dtype.dtype()
+    count = math.prod(shape)
+    if count * dt.itemsize != len(raw):
+        raise pickle.UnpicklingError(f"array of shape {shape} needs {count * dt.itemsize} bytes, found {len(raw)}")
+    return np.frombuffer(raw, dtype=dt).reshape(shape, order=order).copy()
+
+
 class _ArrayStub:
-    """Stands in for ``numpy.ndarray`` while unpickling; ``array()`` checks and builds it."""
+    """Stands in for ``numpy.ndarray`` while unpickling; ``__setstate__`` checks and builds it."""
 
     def __init__(self, cls: object = None, shape: object = None, typecode: object = None):
         self.value: np.ndarray | None = None
@@ -117,20 +126,13 @@ class _ArrayStub:
             raise pickle.UnpicklingError(f"malformed array shape {shape!r}")
         if not isinstance(dtype, _DtypeStub) or not isinstance(raw, bytes) or not isinstance(fortran, int):
             raise pickle.UnpicklingError("malformed array state")
-        dt = dtype.dtype()
-        count = math.prod(shape)
-        if count * dt.itemsize != len(raw):
-            raise pickle.UnpicklingError(f"array of shape {shape} needs {count * dt.itemsize} bytes, found {len(raw)}")
-        self.value = np.frombuffer(raw, dtype=dt).reshape(shape, order="F" if fortran else "C").copy()
+        self.value = _array_from_bytes(dtype, raw, shape, order="F" if fortran else "C")
 
 
 def _scalar(dtype: object, raw: object = b"") -> np.generic:
     if not isinstance(dtype, _DtypeStub) or not isinstance(raw, bytes):
         raise pickle.UnpicklingError("malformed numpy scalar")
-    dt = dtype.dtype()
-    if len(raw) != dt.itemsize:
-        raise pickle.UnpicklingError("malformed numpy scalar")
-    return np.frombuffer(raw, dtype=dt)[0]
+    return _array_from_bytes(dtype, raw, ())[()]
 
 
 _STAND_INS = {"_reconstruct": _ArrayStub, "ndarray": _ArrayStub, "dtype": _DtypeStub, "scalar": _scalar}
