@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from tinycifar.models import MODEL_REGISTRY, count_params, create_model, register_model
-from tinycifar.summary import receptive_field, receptive_field_walk
+from tinycifar.models.summary import receptive_field, receptive_field_walk
 
 
 @pytest.fixture(scope="module")

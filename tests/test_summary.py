@@ -12,7 +12,7 @@ from torch import nn
 
 from tinycifar.cli import main
 from tinycifar.models import MODEL_REGISTRY, ClassifierHead, Net, count_params, create_model
-from tinycifar.summary import (
+from tinycifar.models.summary import (
     empirical_receptive_field,
     format_summary,
     layer_table,

@@ -147,7 +147,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_models(args: argparse.Namespace) -> int:
     from .models import MODEL_REGISTRY, count_params, create_model
-    from .summary import receptive_field
+    from .models.summary import receptive_field
 
     rows = []
     for name in sorted(MODEL_REGISTRY):
@@ -165,7 +165,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def cmd_summary(args: argparse.Namespace) -> int:
     from .models import create_model
-    from .summary import format_summary, model_summary
+    from .models.summary import format_summary, model_summary
 
     try:
         model = create_model(args.model)

@@ -1,0 +1,98 @@
+"""Small composable layers the registered networks are built from, and the whitening stem."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class ConvBNAct(nn.Sequential):
+    """3x3 (or kxk) convolution, batch norm, ReLU; 'same' padding for any dilation."""
+
+    def __init__(
+        self,
+        cin: int,
+        cout: int,
+        kernel_size: int = 3,
+        stride: int = 1,
+        dilation: int = 1,
+        groups: int = 1,
+        dropout: float = 0.0,
+        act: bool = True,
+    ):
+        padding = dilation * (kernel_size - 1) // 2
+        layers: list[nn.Module] = [
+            nn.Conv2d(cin, cout, kernel_size, stride, padding, dilation, groups, bias=False),
+            nn.BatchNorm2d(cout),
+        ]
+        if act:
+            layers.append(nn.ReLU(inplace=True))
+        if dropout > 0:
+            layers.append(nn.Dropout2d(dropout))
+        super().__init__(*layers)
+
+
+class DepthwiseSeparable(nn.Sequential):
+    """Depthwise kxk then pointwise 1x1: ~k*k times fewer weights than a full conv."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1, dilation: int = 1, dropout: float = 0.0):
+        super().__init__(
+            ConvBNAct(cin, cin, 3, stride, dilation, groups=cin),
+            ConvBNAct(cin, cout, 1, dropout=dropout),
+        )
+
+
+class Residual(nn.Module):
+    """x + body(x); the identity path adds nothing to the receptive field."""
+
+    def __init__(self, body: nn.Module):
+        super().__init__()
+        self.body = body
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
+class ClassifierHead(nn.Sequential):
+    """Global average pooling, then a linear layer to the classes."""
+
+    def __init__(self, cin: int, num_classes: int = 10, scale: float = 1.0):
+        super().__init__(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, num_classes))
+        self.scale = scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) * self.scale if self.scale != 1.0 else super().forward(x)
+
+
+class Net(nn.Module):
+    """features -> head. ``features`` keeps the spatial map that Grad-CAM reads."""
+
+    def __init__(self, features: nn.Sequential, head: nn.Module):
+        super().__init__()
+        self.features = features
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+@torch.no_grad()
+def init_whitening(conv: nn.Conv2d, images: torch.Tensor, eps: float = 5e-4) -> None:
+    """Set ``conv``'s filters to the whitening basis of the images' patches (airbench's trick).
+
+    Each filter projects a patch onto one principal direction scaled by 1/sqrt(variance);
+    filters come in +/- pairs so a following ReLU keeps both signs. The first layer then
+    starts decorrelated instead of random, which makes the first epochs count more.
+    ``images``: a sample of normalized training images (N, C, H, W).
+    """
+    k, cin, cout = conv.kernel_size[0], conv.in_channels, conv.out_channels
+    if conv.groups != 1 or cout % 2 or cout // 2 > cin * k * k:
+        raise ValueError(f"whitening needs an ungrouped conv with an even number of at most {2 * cin * k * k} filters")
+    patches = images.float().unfold(2, k, 1).unfold(3, k, 1)  # N, C, H', W', k, k
+    patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, cin * k * k)
+    patches = patches - patches.mean(0)
+    cov = patches.T @ patches / len(patches)
+    eigvals, eigvecs = torch.linalg.eigh(cov)  # ascending
+    top = eigvecs[:, -(cout // 2):].T / torch.sqrt(eigvals[-(cout // 2):, None] + eps)
+    filters = top.reshape(-1, cin, k, k)
+    conv.weight.copy_(torch.cat([filters, -filters]).to(conv.weight.dtype))
