@@ -18,7 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .models import create_model
+from .models import ModelError, ModelSource, build_model
+from .models.registry import sha256_of
 
 FORMAT_VERSION = 1
 
@@ -117,16 +118,52 @@ def _unpickling_reason(e: Exception) -> str:
     return (reasons or [type(e).__name__])[0]
 
 
-def model_from_checkpoint(state: dict[str, Any], path: str | Path = "checkpoint") -> nn.Module:
-    """Rebuild the named network and load its weights (EMA weights when the run kept them)."""
+def recorded_source(state: dict[str, Any]) -> ModelSource:
+    """Where the checkpoint's network came from (older checkpoints: a registered name)."""
+    return ModelSource.from_dict(state.get("model_source")) or ModelSource(str(state["model"]), "builtin")
+
+
+def user_code_refusal(path: str | Path, recorded: ModelSource) -> str:
+    """Why a checkpoint of the user's own network needs ``--model``, and what to pass."""
+    spec, file = recorded.spec, Path(recorded.path) if recorded.path else None
+    factory = spec.rpartition(":")[2] or "Net"
+    if file is None:
+        return (f"{path}: trained with the network object {spec}; pass it again "
+                "(--model FILE.py:factory, or model= in Python)")
+    if not file.is_file():
+        return (f"{path}: trained with your network {spec}, and {file} is missing; "
+                f"pass --model NEW/PATH.py:{factory} to point at it")
+    if recorded.sha256 and sha256_of(file) != recorded.sha256:
+        return (f"{path}: trained with your network {spec}, and {file} has changed since; "
+                f"pass --model {spec} --allow-changed-source to load it anyway")
+    return (f"{path}: trained with your own network {spec}; tinycifar runs only network code you name: "
+            f"pass --model {spec}")
+
+
+def model_from_checkpoint(state: dict[str, Any], path: str | Path = "checkpoint", model: str | nn.Module | None = None,
+                          allow_changed_source: bool = False) -> nn.Module:
+    """Rebuild the checkpoint's network and load its weights (EMA weights when the run kept them).
+
+    Registered and plugin networks are rebuilt by name. The user's own code (a file, a module, an
+    object) runs only when the caller names it in ``model`` (a spec or the object itself), and a
+    source whose sha256 differs from the recorded one is refused unless ``allow_changed_source``.
+    """
+    recorded = recorded_source(state)
+    if model is None and recorded.is_user_code:
+        raise CheckpointError(user_code_refusal(path, recorded))
     try:
-        model = create_model(state["model"], **state.get("model_kwargs", {}))
-    except (ValueError, TypeError) as e:
+        network, current = build_model(model if model is not None else recorded.spec, state.get("model_kwargs", {}))
+    except ModelError as e:
         raise CheckpointError(f"{path}: {e}") from None
+    if recorded.sha256 and current.sha256 and current.sha256 != recorded.sha256 and not allow_changed_source:
+        raise CheckpointError(
+            f"{path}: the network's source {current.path} differs from the one it was trained with "
+            f"(sha256 {recorded.sha256[:12]}... then, {current.sha256[:12]}... now); pass --allow-changed-source "
+            "to load it anyway")
     weights = state.get("ema_state") or state["model_state"]
     try:
-        model.load_state_dict(weights)
+        network.load_state_dict(weights)
     except (RuntimeError, TypeError, AttributeError, KeyError) as e:
         detail = str(e).splitlines()[0]
         raise CheckpointError(f"{path}: weights do not fit network {state['model']!r} ({detail})") from None
-    return model
+    return network

@@ -26,7 +26,9 @@ class ConfigError(ValueError):
 @dataclass
 class TrainConfig:
     preset: str = "fast"
+    # a registered name, a plugin's name, path/to/file.py:factory or package.module:factory
     model: str = "era9"
+    model_kwargs: dict[str, Any] = field(default_factory=dict)  # passed to the model's factory
     dropout: float | None = None  # None: the model's own default
     # data
     data: str = field(default_factory=lambda: os.environ.get("CIFAR10_ROOT", "./data"))
@@ -34,6 +36,7 @@ class TrainConfig:
     synthetic_size: int = 2000
     download: bool = True
     allow_modified: bool = False  # accept files whose md5 differs from the official ones
+    allow_changed_source: bool = False  # resume although the network's source file changed
     aug: AugmentConfig = field(default_factory=AugmentConfig)
     # optimisation
     epochs: int = 10
@@ -130,6 +133,10 @@ def apply_overrides(cfg: TrainConfig, values: dict[str, Any], source: str) -> Tr
             if unknown:
                 raise ConfigError(f"{source}: unknown augmentation option(s) {sorted(unknown)}")
             cfg.aug = dataclasses.replace(cfg.aug, **value)
+        elif key == "model_kwargs":
+            if not isinstance(value, dict):
+                raise ConfigError(f"{source}: 'model_kwargs' must be a table of keyword arguments")
+            cfg.model_kwargs = {**cfg.model_kwargs, **value}
         elif key in fields:
             setattr(cfg, key, value)
         else:
@@ -162,12 +169,13 @@ def parse_assignment(text: str) -> tuple[str, Any]:
 
 
 def parse_assignments(texts: list[str]) -> dict[str, Any]:
-    """Several --set values as one override dict; 'aug.X' keys go into the 'aug' table."""
+    """Several --set values as one override dict; 'aug.X' and 'model_kwargs.X' keys go into their tables."""
     values: dict[str, Any] = {}
     for text in texts:
         key, value = parse_assignment(text)
-        if key.startswith("aug."):
-            values.setdefault("aug", {})[key[4:]] = value
+        table, dot, name = key.partition(".")
+        if dot and table in ("aug", "model_kwargs") and name:
+            values.setdefault(table, {})[name] = value
         else:
             values[key] = value
     return values
@@ -187,7 +195,7 @@ def resolve_config(preset: str, file_values: dict[str, Any] | None = None,
 
 
 _KINDS = {"int": "an integer", "float": "a finite number", "bool": "true or false", "str": "a string",
-          "float | None": "a finite number or null"}
+          "float | None": "a finite number or null", "dict[str, Any]": "a table of keyword arguments"}
 
 
 def _has_kind(value: Any, kind: str) -> bool:
@@ -197,6 +205,8 @@ def _has_kind(value: Any, kind: str) -> bool:
         return isinstance(value, bool)
     if kind == "str":
         return isinstance(value, str)
+    if kind == "dict[str, Any]":
+        return isinstance(value, dict) and all(isinstance(k, str) for k in value)
     if isinstance(value, bool):
         return False
     if kind == "int":
@@ -232,7 +242,7 @@ def _validate_aug(aug: AugmentConfig) -> None:
 
 
 def validate(cfg: TrainConfig) -> None:
-    from .models import MODEL_REGISTRY
+    from .models import ModelError, check_spec
 
     def need(ok: bool, option: str, expected: str, value: Any) -> None:
         if not ok:
@@ -263,7 +273,10 @@ def validate(cfg: TrainConfig) -> None:
     need(0 < cfg.pct_start < 1, "pct_start", "a number in (0, 1)", cfg.pct_start)
     need(cfg.warmup_epochs < cfg.epochs or cfg.warmup_epochs == 0, "--warmup-epochs",
          f"fewer than --epochs ({cfg.epochs})", cfg.warmup_epochs)
-    need(cfg.model in MODEL_REGISTRY, "--model", f"one of {', '.join(sorted(MODEL_REGISTRY))}", cfg.model)
+    try:
+        check_spec(cfg.model)  # the file is imported when the run builds the network, not here
+    except ModelError as e:
+        raise ConfigError(str(e)) from None
     need(cfg.optimizer in ("sgd", "adam", "adamw"), "--optimizer", "sgd, adam or adamw", cfg.optimizer)
     need(cfg.schedule in ("onecycle", "cosine", "step", "constant"), "--schedule",
          "onecycle, cosine, step or constant", cfg.schedule)

@@ -31,10 +31,14 @@ class NormalizedNet(nn.Module):
         return self.model((x - self.mean) / self.std)
 
 
-def load_inference_model(path: str | Path) -> tuple[NormalizedNet, dict[str, Any]]:
-    """The checkpoint's network wrapped with its normalization, in eval mode, and the raw state."""
+def load_inference_model(path: str | Path, model: str | nn.Module | None = None,
+                         allow_changed_source: bool = False) -> tuple[NormalizedNet, dict[str, Any]]:
+    """The checkpoint's network wrapped with its normalization, in eval mode, and the raw state.
+
+    ``model`` names the network's code when it is the user's own (see ``model_from_checkpoint``).
+    """
     state = load_checkpoint(path)
-    model = model_from_checkpoint(state, path)
+    model = model_from_checkpoint(state, path, model, allow_changed_source)
     return NormalizedNet(model, state["mean"], state["std"]).eval(), state
 
 

@@ -5,11 +5,12 @@ accuracy, augmented training samples, and Grad-CAM maps of mistakes. The page em
 every image as base64 and loads nothing from elsewhere, so it opens offline and can be
 mailed as one file.
 
-Grad-CAM layer: the last module inside ``model.features`` whose output is still at least
-8x8, found by a dry forward pass with hooks. Later layers are deeper but their 4x4 maps
-give each cell a 8x8-pixel patch of a 32x32 image, too coarse to tell an object from its
-background. For era9 this is ``features.2.1``, C3's depthwise-separable block (96
-channels at 8x8), just before C3's strided convolution halves the map to 4x4.
+Grad-CAM layer: the last convolution (or block holding one) whose output is still at least
+8x8, found by a dry forward pass with hooks, in any network; ``--cam-layer`` names another.
+Later layers are deeper but their 4x4 maps give each cell a 8x8-pixel patch of a 32x32
+image, too coarse to tell an object from its background. For era9 this is ``features.2.1``,
+C3's depthwise-separable block (96 channels at 8x8), just before C3's strided convolution
+halves the map to 4x4.
 """
 
 from __future__ import annotations
@@ -50,29 +51,57 @@ STYLE = {"font.size": 11, "axes.titlesize": 12, "axes.labelsize": 11, "figure.ti
 # ---------------------------------------------------------------------------- Grad-CAM
 
 
-@torch.no_grad()
-def find_gradcam_layer(net: nn.Module, min_size: int = MIN_CAM_SIZE, input_size: int = 32) -> tuple[str, tuple]:
-    """Name (relative to ``net``) and output shape (C, H, W) of the last ``net.features`` module
-    to finish with an output of at least ``min_size`` x ``min_size``.
+def _finished_maps(net: nn.Module, input_size: int = 32) -> list[tuple[str, nn.Module, tuple]]:
+    """(name, module, output shape C x H x W) of every submodule with a map output, in the order
+    they finish on a dry forward pass (a block finishes after its own children)."""
+    finished: list[tuple[str, nn.Module, tuple]] = []
 
-    "Last to finish" is the forward-hook order, so a block wins over its own last child:
-    the name is the block's, the tensor the same.
-    """
-    finished: list[tuple[str, tuple]] = []
-    hooks = [m.register_forward_hook(lambda _m, _i, out, name=name: finished.append((name, tuple(out.shape))))
-             for name, m in net.features.named_modules()]
+    def record(name: str, m: nn.Module):
+        def hook(_m, _inputs, out) -> None:
+            if isinstance(out, torch.Tensor) and out.dim() == 4:
+                finished.append((name, m, tuple(out.shape[1:])))
+        return hook
+
+    hooks = [m.register_forward_hook(record(name, m)) for name, m in net.named_modules() if name]
     was_training = net.training
     net.eval()
     try:
-        net(torch.zeros(1, 3, input_size, input_size))
+        with torch.no_grad():
+            device = next((p.device for p in net.parameters()), torch.device("cpu"))
+            net(torch.zeros(1, 3, input_size, input_size, device=device))
     finally:
         net.train(was_training)
         for h in hooks:
             h.remove()
-    for name, shape in reversed(finished):
-        if len(shape) == 4 and min(shape[-2:]) >= min_size:
-            return ("features." + name).rstrip("."), shape[1:]
-    raise ValueError(f"no module in {type(net).__name__}.features has an output of at least {min_size}x{min_size}")
+    return finished
+
+
+def find_gradcam_layer(net: nn.Module, min_size: int = MIN_CAM_SIZE, input_size: int = 32) -> tuple[str, tuple]:
+    """Name and output shape (C, H, W) of the last convolution, or block holding one, to finish
+    with a map of at least ``min_size`` x ``min_size``. Works for any network.
+
+    "Last to finish" is the forward-hook order, so a block wins over its own last child:
+    the name is the block's, the tensor the same (after its activation).
+    """
+    for name, module, shape in reversed(_finished_maps(net, input_size)):
+        has_conv = any(isinstance(m, nn.Conv2d) for m in module.modules())
+        if has_conv and min(shape[-2:]) >= min_size:
+            return name, shape
+    raise ValueError(f"no convolution of {type(net).__name__} has an output of at least {min_size}x{min_size}; "
+                     "name a layer with --cam-layer")
+
+
+def gradcam_layer(net: nn.Module, name: str | None = None) -> tuple[str, tuple]:
+    """``name`` checked to be a submodule with a map output, or the automatic choice when None."""
+    if name is None:
+        return find_gradcam_layer(net)
+    maps = {n: shape for n, _, shape in _finished_maps(net)}
+    if name not in maps:
+        known = dict(net.named_modules())
+        reason = "its output is not an N x C x H x W map" if name in known else "no such module"
+        choices = ", ".join(list(maps)[-6:])
+        raise ValueError(f"--cam-layer {name}: {reason}; layers with maps include: {choices}")
+    return name, maps[name]
 
 
 def grad_cam(model: nn.Module, layer: nn.Module, x: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
@@ -128,10 +157,10 @@ def run_precision(run_dir: Path) -> str | None:
         return None
 
 
-def layer_reason(layer: str) -> str:
-    if layer == "features":
-        return f"the final feature map, already at least {MIN_CAM_SIZE}x{MIN_CAM_SIZE}, the usual Grad-CAM layer."
-    return (f"the last layer of <code>features</code> whose map is still at least {MIN_CAM_SIZE}x{MIN_CAM_SIZE}. "
+def layer_reason(chosen: bool) -> str:
+    if chosen:
+        return "the layer named with --cam-layer."
+    return (f"the last convolution whose map is still at least {MIN_CAM_SIZE}x{MIN_CAM_SIZE}. "
             "The layers after it have smaller maps, where one cell covers too large a patch of the 32x32 image "
             "to separate an object from its background.")
 
@@ -377,15 +406,17 @@ def render_html(title: str, facts: list[list[Any]], figures: list[tuple[str, str
 # ---------------------------------------------------------------------------- the report
 
 
-def write_report(run_dir: str | Path, data: str | Path | None = None) -> Path:
+def write_report(run_dir: str | Path, data: str | Path | None = None, model: str | nn.Module | None = None,
+                 allow_changed_source: bool = False, cam_layer: str | None = None) -> Path:
     """Write the figures and ``report.html`` into ``run_dir``; returns the page's path.
 
-    The model is the run's best.pt (last.pt when there is none); the test set is read from
-    ``data``, the run's own data folder or $CIFAR10_ROOT (synthetic runs regenerate theirs).
+    The model is the run's best.pt (last.pt when there is none), rebuilt from ``model`` when it
+    is the user's own network; the test set is read from ``data``, the run's own data folder or
+    $CIFAR10_ROOT (synthetic runs regenerate theirs). ``cam_layer`` overrides Grad-CAM's layer.
     """
     run_dir = Path(run_dir)
     checkpoint = pick_checkpoint(run_dir)
-    model, state = load_inference_model(checkpoint)
+    model, state = load_inference_model(checkpoint, model, allow_changed_source)
     net = model.model
     config = dict(state.get("config", {}))
     history = read_history(run_dir, state)
@@ -397,7 +428,10 @@ def write_report(run_dir: str | Path, data: str | Path | None = None) -> Path:
     wrong = (preds != labels).nonzero().flatten()
     wrong = wrong[probs[wrong, preds[wrong]].argsort(descending=True)]  # most confident mistakes first
 
-    layer, shape = find_gradcam_layer(net)
+    try:
+        layer, shape = gradcam_layer(net, cam_layer)
+    except ValueError as e:
+        raise CheckpointError(f"{checkpoint}: {e}") from None
     cam_idx = wrong[:CAM_IMAGES] if len(wrong) else (preds == labels).nonzero().flatten()[:CAM_IMAGES]
     x = to_unit_float(test.images[cam_idx])
     module = net.get_submodule(layer)
@@ -436,8 +470,8 @@ def write_report(run_dir: str | Path, data: str | Path | None = None) -> Path:
             ("gradcam.png", "Grad-CAM",
              f"Grad-CAM (gradient-weighted class activation maps) on layer <code>{html.escape(layer)}</code> "
              f"({html.escape(type(module).__name__)}, output {shape[0]} channels at {shape[1]}x{shape[2]}): "
-             f"{layer_reason(layer)} Red marks the regions that raise the class score most; each map is scaled "
-             "to its own maximum and upsampled bilinearly.",
+             f"{layer_reason(cam_layer is not None)} Red marks the regions that raise the class score most; "
+             "each map is scaled to its own maximum and upsampled bilinearly.",
              plot_gradcam(test.images[cam_idx], labels[cam_idx], preds[cam_idx], cam_pred, cam_true, layer,
                           bool(len(wrong)))),
         ]

@@ -27,14 +27,22 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
-from tqdm import tqdm
+from tqdm.auto import tqdm  # a widget in Jupyter, a text bar in a terminal
 
-from .checkpoint import CheckpointError, atomic_write_bytes, load_checkpoint, save_checkpoint
+from .checkpoint import (
+    CheckpointError,
+    atomic_write_bytes,
+    load_checkpoint,
+    recorded_source,
+    save_checkpoint,
+    user_code_refusal,
+)
 from .config import ConfigError, TrainConfig
 from .data import DatasetError, Split, load_cifar10, synthetic_cifar10
 from .evaluate import autocast_context, evaluate
 from .loader import DeviceLoader, channel_stats
-from .models import count_params, create_model, init_whitening
+from .models import ModelError, ModelSource, build_model, count_params, init_whitening
+from .models.registry import check_output, short_name
 
 METRIC_FIELDS = [
     "epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "seconds", "train_seconds_total", "eval_seconds",
@@ -102,7 +110,7 @@ def init_distributed(device_name: str) -> DistEnv:
     return env
 
 
-_SHARED_ERRORS = (ConfigError, DatasetError, CheckpointError)
+_SHARED_ERRORS = (ConfigError, DatasetError, CheckpointError, ModelError)
 
 
 def rank0_first(env: DistEnv, fn: Callable[[], Any], share: bool = False) -> Any:
@@ -148,10 +156,17 @@ def prepare_model(model: nn.Module, cfg: TrainConfig, train_split: Split, mean: 
                   std: list[float]) -> None:
     """Apply the recipe's surgery: a frozen whitening stem, frozen batch-norm scales."""
     if cfg.whiten_stem:
-        stem = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+        stem = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+        if stem is None or stem.in_channels != 3:
+            raise ConfigError(f"whiten_stem: {cfg.model} has no first convolution on the 3 image channels to "
+                              "whiten; pass --set whiten_stem=false")
         sample = train_split.images[:5000].float().div(255)
         sample = (sample - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)
-        init_whitening(stem, sample.to(stem.weight.device))
+        try:
+            init_whitening(stem, sample.to(stem.weight.device))
+        except ValueError as e:
+            raise ConfigError(f"whiten_stem: the first convolution of {cfg.model} ({stem}) cannot hold the "
+                              f"whitening filters: {e}; pass --set whiten_stem=false") from None
         stem.weight.requires_grad_(False)
     if cfg.freeze_norm_scale:
         for m in model.modules():
@@ -240,7 +255,7 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 
 def default_run_dir(cfg: TrainConfig) -> Path:
-    return Path("runs") / f"{cfg.preset}-{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return Path("runs") / f"{cfg.preset}-{short_name(cfg.model)}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def write_metrics_csv(path: Path, history: list[dict[str, Any]]) -> None:
@@ -299,15 +314,28 @@ class RunResult:
 
 
 def model_kwargs(cfg: TrainConfig) -> dict[str, Any]:
-    return {} if cfg.dropout is None else {"dropout": cfg.dropout}
+    return {**cfg.model_kwargs, **({} if cfg.dropout is None else {"dropout": cfg.dropout})}
 
 
-def train(cfg: TrainConfig, data: tuple[Split, Split] | None = None) -> RunResult:
-    """Train as ``cfg`` says; returns the run folder and its summary."""
+def build_network(cfg: TrainConfig, model: nn.Module | None = None) -> tuple[nn.Module, ModelSource]:
+    """The run's network: ``model`` when the Python API was handed one, else the one ``cfg.model``
+    names, checked to map the batches this recipe feeds it (low-resolution epochs included)."""
+    network, source = build_model(model if model is not None else cfg.model, model_kwargs(cfg))
+    if cfg.low_res and int(cfg.low_res_fraction * cfg.epochs) > 0:
+        try:
+            check_output(network, f"--model {source.spec}", input_size=cfg.low_res)
+        except ModelError as e:
+            raise ModelError(f"{e}; the {cfg.preset} preset trains its first epochs at {cfg.low_res}x{cfg.low_res}: "
+                             "pass --set low_res=0 to train at 32x32 only") from None
+    return network, source
+
+
+def train(cfg: TrainConfig, data: tuple[Split, Split] | None = None, model: nn.Module | None = None) -> RunResult:
+    """Train as ``cfg`` says (the network ``model`` in place, when given); returns the run folder and summary."""
     env = init_distributed(cfg.device)
     threads = torch.get_num_threads()
     try:
-        result = _train(cfg, env, data)
+        result = _train(cfg, env, data, model)
         if env.owns_group:
             dist.barrier()  # no rank tears the group down while another still writes or reduces
         return result
@@ -317,7 +345,7 @@ def train(cfg: TrainConfig, data: tuple[Split, Split] | None = None) -> RunResul
             dist.destroy_process_group()
 
 
-def _train(cfg: TrainConfig, env: DistEnv, data: tuple[Split, Split] | None) -> RunResult:
+def _train(cfg: TrainConfig, env: DistEnv, data: tuple[Split, Split] | None, model: nn.Module | None) -> RunResult:
     device = resolve_device(cfg.device)
     if device.type == "cuda" and env.world_size > 1:
         device = torch.device("cuda", env.local_rank)
@@ -328,17 +356,21 @@ def _train(cfg: TrainConfig, env: DistEnv, data: tuple[Split, Split] | None) -> 
         raise ConfigError(f"--batch-size {cfg.batch_size}: must be divisible by the {env.world_size} processes")
     quiet = cfg.quiet or not env.is_main
 
-    # The data first: a missing or corrupt dataset must not leave an empty run folder behind.
+    # The data and the network first: a missing dataset or a broken network file must not leave an
+    # empty run folder behind.
     train_split, test_split = data if data is not None else rank0_first(env, lambda: load_data(cfg, quiet))
+    mean, std = channel_stats(train_split.images)
+    torch.manual_seed(cfg.seed)
+    model, source = build_network(cfg, model)
+    model = model.to(device)
+    prepare_model(model, cfg, train_split, mean, std)
     # Rank 0 checks and creates the run folder; every rank gets its path (the default one is
     # timestamped) and reads the resume checkpoint from it before rank 0 can overwrite it
     # (that happens only after the collectives of a whole epoch).
     run_dir = rank0_first(env, lambda: prepare_run_dir(cfg), share=True)
     resume_state = load_checkpoint(run_dir / "last.pt") if cfg.resume else None
-    mean, std = channel_stats(train_split.images)
-    torch.manual_seed(cfg.seed)
-    model = create_model(cfg.model, **model_kwargs(cfg)).to(device)
-    prepare_model(model, cfg, train_split, mean, std)
+    if resume_state is not None:
+        check_resumed_source(recorded_source(resume_state), source, cfg.allow_changed_source, run_dir / "last.pt")
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     params = count_params(model)
@@ -396,7 +428,7 @@ def _train(cfg: TrainConfig, env: DistEnv, data: tuple[Split, Split] | None) -> 
 
     def checkpoint_state(epoch: int) -> dict[str, Any]:
         return {
-            "model": cfg.model, "model_kwargs": model_kwargs(cfg), "epoch": epoch,
+            "model": cfg.model, "model_kwargs": model_kwargs(cfg), "model_source": source.to_dict(), "epoch": epoch,
             "model_state": model.state_dict(), "optimizer_state": optimizer.state_dict(),
             "ema_state": ema.module.state_dict() if ema is not None else None,
             "ema_full_state": ema.state_dict() if ema is not None else None,
@@ -498,6 +530,13 @@ def _train(cfg: TrainConfig, env: DistEnv, data: tuple[Split, Split] | None) -> 
     return RunResult(run_dir, summary, history, env.is_main)
 
 
+def check_resumed_source(recorded: ModelSource, current: ModelSource, allow_changed: bool, path: Path) -> None:
+    """A resumed run continues with the code it started with, unless the user says otherwise."""
+    if recorded.sha256 and current.sha256 != recorded.sha256 and not allow_changed:
+        raise ConfigError(f"--resume: {current.path or current.spec} has changed since {path} was written; pass "
+                          "--allow-changed-source to continue with the new code")
+
+
 def build_summary(cfg: TrainConfig, history: list[dict[str, Any]], params: int, precision: str,
                   device: torch.device, env: DistEnv, stop_reason: str, images_per_epoch: int) -> dict[str, Any]:
     accs = [h["test_acc"] for h in history]
@@ -539,9 +578,12 @@ def resume_config(run_dir: Path, overrides: dict[str, Any]) -> TrainConfig:
     if missing or not isinstance(state["config"], dict):
         raise ConfigError(f"--resume: {run_dir / 'last.pt'} is not a resumable training checkpoint "
                           f"(missing {', '.join(sorted(missing)) or 'config'})")
+    recorded = recorded_source(state)
+    if recorded.is_user_code and "model" not in overrides:  # its file runs only when the user names it
+        raise ConfigError(f"--resume: {user_code_refusal(run_dir / 'last.pt', recorded)}")
     saved = dict(state["config"])
     cfg = apply_overrides(TrainConfig(), saved, f"{run_dir / 'last.pt'}")
-    allowed = {"quiet", "report", "device", "threads", "resume", "out", "data", "download"}
+    allowed = {"quiet", "report", "device", "threads", "resume", "out", "data", "download", "allow_changed_source"}
     # Compare merged configs, not raw options: `--aug X` names one field of the saved table.
     merged = apply_overrides(cfg, overrides, "command line")
     before, after = cfg.to_dict(), merged.to_dict()

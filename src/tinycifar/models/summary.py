@@ -1,9 +1,9 @@
-"""Model anatomy: receptive field by walking the layers, and a per-layer summary table.
+"""Model anatomy: the receptive field along the network, and a per-layer summary table.
 
-The walk follows convolutions and poolings in the order they are registered, which is
-the order they run in for our networks (residual identity paths add nothing). For each
-layer: rf_out = rf_in + (effective_kernel - 1) * jump_in, jump_out = jump_in * stride,
-with effective_kernel = dilation * (kernel - 1) + 1.
+The field comes from ``graph.trace`` (one traced forward pass), so it is right for any
+network: branches and residual paths included, functional calls too. For each spatial
+operator: rf_out = rf_in + (effective_kernel - 1) * jump_in, jump_out = jump_in * stride,
+with effective_kernel = dilation * (kernel - 1) + 1; where paths meet, the largest wins.
 """
 
 from __future__ import annotations
@@ -12,6 +12,11 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from .graph import SPATIAL_KINDS, empirical_receptive_field, trace
+
+__all__ = ["RFStep", "LayerRow", "empirical_receptive_field", "format_summary", "layer_table", "model_summary",
+           "receptive_field", "receptive_field_walk"]
 
 
 @dataclass
@@ -24,53 +29,14 @@ class RFStep:
     rf: int
 
 
-def _pair0(v) -> int:
-    return v[0] if isinstance(v, tuple) else v
+def receptive_field_walk(model: nn.Module, input_size: int = 32) -> list[RFStep]:
+    """Each convolution and pooling in the order it runs, with the field after it."""
+    return [RFStep(op.module, op.kernel, op.stride, op.dilation, op.jump, op.rf)
+            for op in trace(model, input_size).ops if op.kind in SPATIAL_KINDS]
 
 
-def receptive_field_walk(model: nn.Module) -> list[RFStep]:
-    steps: list[RFStep] = []
-    rf, jump = 1, 1
-    for name, m in model.named_modules():
-        if isinstance(m, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)):
-            k, s = _pair0(m.kernel_size), _pair0(m.stride)
-            d = _pair0(m.dilation) if hasattr(m, "dilation") else 1
-            rf += (d * (k - 1)) * jump
-            jump *= s
-            steps.append(RFStep(name, k, s, d, jump, rf))
-    return steps
-
-
-def receptive_field(model: nn.Module) -> int:
-    steps = receptive_field_walk(model)
-    return steps[-1].rf if steps else 1
-
-
-@torch.no_grad()
-def _positive_init(model: nn.Module) -> None:
-    for m in model.modules():
-        if isinstance(m, (nn.Conv2d, nn.Linear)):
-            m.weight.uniform_(0.1, 1.0)
-            if m.bias is not None:
-                m.bias.zero_()
-
-
-def empirical_receptive_field(model: nn.Module, size: int = 192) -> int:
-    """Extent of input pixels that reach one central output of ``model.features``.
-
-    Weights are made positive and the input all ones, so no gradient cancels: every
-    pixel inside the receptive field gets a non-zero gradient, every one outside zero.
-    """
-    import copy
-
-    probe = copy.deepcopy(model).double().eval()
-    _positive_init(probe)
-    x = torch.ones(1, 3, size, size, dtype=torch.float64, requires_grad=True)
-    fmap = probe.features(x)
-    h, w = fmap.shape[-2:]
-    fmap[0, :, h // 2, w // 2].sum().backward()
-    rows = (x.grad[0].abs().sum((0, 2)) > 0).nonzero()
-    return int(rows.max() - rows.min() + 1)
+def receptive_field(model: nn.Module, input_size: int = 32) -> int:
+    return trace(model, input_size).receptive_field
 
 
 @dataclass
