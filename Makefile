@@ -24,7 +24,7 @@ train: $(BIN)/tinycifar
 	$(BIN)/tinycifar train --preset fast $(ARGS)
 
 lint: $(VENV)/.dev
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks examples
 
 test: lint
 	$(BIN)/pytest -q $(ARGS)

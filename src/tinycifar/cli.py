@@ -1,4 +1,4 @@
-"""The ``tinycifar`` command line: train, eval, models, summary, download, report, predict, export.
+"""The ``tinycifar`` command line: train, check, eval, models, summary, download, report, predict, export.
 
 Bad input (an option, a file, a dataset) ends with one line on stderr and exit code 2,
 never a traceback.
@@ -15,6 +15,8 @@ from typing import Any
 from .checkpoint import CheckpointError
 from .config import PRESETS, ConfigError, load_config_file, parse_assignments, resolve_config
 from .data import DatasetError
+from .models import ModelError
+from .models.rules import RulesError
 
 EXIT_BAD_INPUT = 2
 EXIT_TRAINING_FAILED = 1
@@ -44,7 +46,8 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any config value, e.g. --set momentum=0.85 --set aug.cutout_size=12")
     fields: list[tuple[str, type, str]] = [
-        ("--model", str, "network name (see `tinycifar models`)"),
+        ("--model", str, "a registered network (see `tinycifar models`), a plugin's name, path/to/file.py:factory "
+                         "or package.module:factory"),
         ("--data", str, "CIFAR-10 folder (default: $CIFAR10_ROOT or ./data)"),
         ("--dataset", str, "cifar10 or synthetic"),
         ("--epochs", int, "training epochs"),
@@ -74,12 +77,33 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
              ("--compile", "compile", True, "torch.compile the model"),
              ("--no-channels-last", "channels_last", False, "keep NCHW memory format"),
              ("--allow-modified", "allow_modified", True, "accept data files whose md5 is not the official one"),
+             ("--allow-changed-source", "allow_changed_source", True,
+              "--resume although the network's source file changed"),
              ("--no-download", "download", False, "never download CIFAR-10")]
     for flag, dest, value, text in flags:
         p.add_argument(flag, dest=dest, action="store_const", const=value, default=None, help=text)
+    _add_model_arg(p)
 
 
-_NOT_CONFIG = {"command", "preset", "config", "set", "aug_policy", "func"}
+def _add_model_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="keyword argument for the network's factory, e.g. --model-arg width=48 "
+                        "(same as --set model_kwargs.width=48)")
+
+
+def _add_checkpoint_model_options(p: argparse.ArgumentParser) -> None:
+    """For commands that load a checkpoint: name the network's code when it is the user's own."""
+    p.add_argument("--model", default=None, metavar="SPEC",
+                   help="the network's code, for a checkpoint of your own network (e.g. my_net.py:Net)")
+    p.add_argument("--allow-changed-source", action="store_true",
+                   help="load although the network's source file changed since training")
+
+
+def _model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    return parse_assignments([f"model_kwargs.{text}" for text in args.model_arg]).get("model_kwargs", {})
+
+
+_NOT_CONFIG = {"command", "preset", "config", "set", "aug_policy", "func", "model_arg"}
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -87,6 +111,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     values.update(parse_assignments(args.set))
     if args.aug_policy is not None:
         values.setdefault("aug", {})["policy"] = args.aug_policy
+    if args.model_arg:
+        values["model_kwargs"] = {**values.get("model_kwargs", {}), **_model_kwargs(args)}
     return values
 
 
@@ -105,7 +131,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if cfg.report and result.is_main:
         from .report import write_report
 
-        page = write_report(result.run_dir)
+        page = write_report(result.run_dir, model=cfg.model, allow_changed_source=cfg.allow_changed_source)
         if not cfg.quiet:
             print(f"report: {page}")
     return 0
@@ -113,16 +139,17 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from .checkpoint import load_checkpoint, model_from_checkpoint
-    from .data import load_split
     from .evaluate import evaluate
+    from .inference import run_split
     from .loader import DeviceLoader
     from .train import resolve_device, resolve_precision
 
     state = load_checkpoint(args.checkpoint)
-    model = model_from_checkpoint(state, args.checkpoint)
+    model = model_from_checkpoint(state, args.checkpoint, args.model, args.allow_changed_source)
     device = resolve_device(args.device)
     precision = resolve_precision(args.precision, device)
-    test = load_split(args.data, train=False, verify_md5=not args.allow_modified)
+    config = {**state.get("config", {}), **({"allow_modified": True} if args.allow_modified else {})}
+    test = run_split(config, train=False, data=args.data)  # synthetic runs regenerate their test set
     loader = DeviceLoader(test, args.batch_size, state["mean"], state["std"], device, train=False)
     result = evaluate(model.to(device), loader, precision, tta=args.tta)
     from .data import CLASSES
@@ -146,34 +173,49 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from .models import MODEL_REGISTRY, count_params, create_model
+    from .models import MODEL_REGISTRY, count_params, create_model, plugins
     from .models.summary import receptive_field
 
     rows = []
-    for name in sorted(MODEL_REGISTRY):
-        m = create_model(name)
-        rows.append({"model": name, "params": count_params(m), "receptive_field": receptive_field(m),
-                     "description": (MODEL_REGISTRY[name].__doc__ or "").strip().splitlines()[0]})
+    for name in [*sorted(MODEL_REGISTRY), *sorted(set(plugins()) - set(MODEL_REGISTRY))]:
+        row = {"model": name, "source": "built in" if name in MODEL_REGISTRY else f"plugin {plugins()[name].value}"}
+        try:
+            m = create_model(name)
+            factory = MODEL_REGISTRY.get(name) or plugins()[name].load()
+            row |= {"params": count_params(m), "receptive_field": receptive_field(m),
+                    "description": ((factory.__doc__ or "").strip().splitlines() or [""])[0]}
+        except ModelError as e:  # a broken plugin is listed with its reason, the others still are
+            row |= {"params": None, "receptive_field": None, "description": f"cannot be built: {e}"}
+        rows.append(row)
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
     print(f"{'model':<14}{'params':>10}{'RF':>6}  description")
     for r in rows:
-        print(f"{r['model']:<14}{r['params']:>10,}{r['receptive_field']:>6}  {r['description']}")
+        params = f"{r['params']:,}" if r["params"] is not None else "-"
+        rf = r["receptive_field"] if r["receptive_field"] is not None else "-"
+        plugin = f" [{r['source']}]" if r["source"] != "built in" else ""
+        print(f"{r['model']:<14}{params:>10}{rf:>6}  {r['description']}{plugin}")
+    print("\nYour own network: --model path/to/file.py:factory or package.module:factory (any command).")
     return 0
 
 
 def cmd_summary(args: argparse.Namespace) -> int:
-    from .models import create_model
+    from .models import build_model
     from .models.summary import format_summary, model_summary
 
-    try:
-        model = create_model(args.model)
-    except ValueError as e:
-        raise ConfigError(f"--model: {e}") from None
-    s = model_summary(model)
+    model, _ = build_model(args.model, _model_kwargs(args))
+    s = model_summary(model, name=args.model)
     print(json.dumps(s, indent=2) if args.json else format_summary(s))
     return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from .models.rules import check
+
+    report = check(args.model, args.rules, _model_kwargs(args))
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.format())
+    return 0 if report.passed else 1
 
 
 def cmd_download(args: argparse.Namespace) -> int:
@@ -194,7 +236,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     from .report import write_report
 
     try:
-        page = write_report(args.run_dir, data=args.data)
+        page = write_report(args.run_dir, data=args.data, model=args.model,
+                            allow_changed_source=args.allow_changed_source, cam_layer=args.cam_layer)
     except OSError as e:
         raise ConfigError(f"{args.run_dir}: cannot write the report ({e.strerror or e})") from None
     print(f"report: {page}")
@@ -207,7 +250,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     if not 1 <= args.top_k <= len(CLASSES):
         raise ConfigError(f"--top-k: expected 1 to {len(CLASSES)}, got {args.top_k}")
-    return run(args.checkpoint, args.inputs, top_k=args.top_k, as_json=args.json)
+    return run(args.checkpoint, args.inputs, top_k=args.top_k, as_json=args.json, model=args.model,
+               allow_changed_source=args.allow_changed_source)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -217,7 +261,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.int8 and args.format != "onnx":
         raise ConfigError(f"--int8: applies to --format onnx, not {args.format}")
     try:
-        out = export_checkpoint(args.checkpoint, args.out, fmt, data=args.data, calibration_count=args.calibration)
+        out = export_checkpoint(args.checkpoint, args.out, fmt, data=args.data, calibration_count=args.calibration,
+                                model=args.model, allow_changed_source=args.allow_changed_source)
     except OSError as e:
         raise ConfigError(f"--out {args.out}: cannot write ({e.strerror or e})") from None
     print(f"exported {fmt} to {out} (input: float RGB 0..1, NCHW, any batch size; output: logits)")
@@ -239,21 +284,35 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="evaluate a checkpoint on the test set")
     p.add_argument("--checkpoint", required=True, type=Path)
-    p.add_argument("--data", default=os.environ.get("CIFAR10_ROOT", "./data"))
+    p.add_argument("--data", default=None,
+                   help="CIFAR-10 folder (default: the run's own, else $CIFAR10_ROOT or ./data; "
+                        "synthetic runs need none)")
     p.add_argument("--tta", choices=TTA_MODES, default="none")
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="fp32", choices=("auto", "bf16", "fp16", "fp32"))
     p.add_argument("--batch-size", type=positive_int, default=1000)
     p.add_argument("--allow-modified", action="store_true")
     p.add_argument("--json", action="store_true")
+    _add_checkpoint_model_options(p)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("check", help="check a network against the assignment's rules (or your own)")
+    p.add_argument("--model", required=True, metavar="SPEC",
+                   help="a registered network, a plugin's name, path/to/file.py:factory or package.module:factory")
+    _add_model_arg(p)
+    p.add_argument("--rules", default=None, metavar="FILE",
+                   help="rules as TOML (default: the assignment's, tinycifar/models/assignment.toml)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("models", help="list the registered networks")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("summary", help="per-layer table of a network")
-    p.add_argument("--model", default="era9")
+    p.add_argument("--model", default="era9", metavar="SPEC",
+                   help="a registered network, a plugin's name, path/to/file.py:factory or package.module:factory")
+    _add_model_arg(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_summary)
 
@@ -267,6 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", type=Path, metavar="RUN_DIR")
     p.add_argument("--data", default=None,
                    help="CIFAR-10 folder (default: the run's own, else $CIFAR10_ROOT; synthetic runs need none)")
+    p.add_argument("--cam-layer", default=None, metavar="NAME",
+                   help="module for Grad-CAM (default: the last convolution whose map is at least 8x8)")
+    _add_checkpoint_model_options(p)
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("predict", help="classify image files or folders of images")
@@ -274,6 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=3, help="classes shown per image (default: 3)")
     p.add_argument("--json", action="store_true", help="print a JSON list instead of one line per image")
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER")
+    _add_checkpoint_model_options(p)
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("export", help="export a checkpoint to ONNX (fp32 or int8) or TorchScript")
@@ -284,6 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=None,
                    help="CIFAR-10 folder for int8 calibration (default: the run's own, else $CIFAR10_ROOT)")
     p.add_argument("--calibration", type=positive_int, default=512, help="int8 calibration images (default: 512)")
+    _add_checkpoint_model_options(p)
     p.set_defaults(func=cmd_export)
     return parser
 
@@ -295,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, DatasetError, CheckpointError) as e:
+    except (ConfigError, DatasetError, CheckpointError, ModelError, RulesError) as e:
         print(f"tinycifar {args.command}: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except TrainingError as e:  # the run started but cannot go on (non-finite loss, disk full)

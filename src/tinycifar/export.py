@@ -101,11 +101,15 @@ def quantize_int8(fp32_path: str | Path, out: str | Path, images: np.ndarray, ba
 
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path, fmt: str = "onnx", data: str | Path | None = None,
-                      calibration_count: int = 512) -> Path:
-    """Write ``checkpoint`` to ``out`` in format ``fmt`` (one of FORMATS); returns ``out``."""
+                      calibration_count: int = 512, model: str | torch.nn.Module | None = None,
+                      allow_changed_source: bool = False) -> Path:
+    """Write ``checkpoint`` to ``out`` in format ``fmt`` (one of FORMATS); returns ``out``.
+
+    ``model`` names the network's code for a checkpoint of the user's own network.
+    """
     if fmt not in FORMATS:
         raise ConfigError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
-    model, state = load_inference_model(checkpoint)
+    model, state = load_inference_model(checkpoint, model, allow_changed_source)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "torchscript":

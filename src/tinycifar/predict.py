@@ -143,13 +143,15 @@ def classify(model: torch.nn.Module, images: torch.Tensor, top_k: int) -> list[l
             for vs, ix in zip(values.tolist(), indices.tolist(), strict=True)]
 
 
-def predict_files(checkpoint: str | Path, paths: list[str | Path], top_k: int = 3,
-                  on_error=None) -> Iterator[Prediction]:
+def predict_files(checkpoint: str | Path, paths: list[str | Path], top_k: int = 3, on_error=None,
+                  model: str | torch.nn.Module | None = None, allow_changed_source: bool = False,
+                  ) -> Iterator[Prediction]:
     """Predictions for every usable image, in input order, batch by batch (memory stays bounded).
 
-    ``on_error(path, message)`` is called for each unusable input; the others go on.
+    ``on_error(path, message)`` is called for each unusable input; the others go on. ``model``
+    names the network's code for a checkpoint of the user's own network.
     """
-    model, _ = load_inference_model(checkpoint)
+    model, _ = load_inference_model(checkpoint, model, allow_changed_source)
     batch: list[tuple[Path, torch.Tensor]] = []
 
     def flush() -> Iterator[Prediction]:
@@ -171,7 +173,8 @@ def predict_files(checkpoint: str | Path, paths: list[str | Path], top_k: int = 
     yield from flush()
 
 
-def run(checkpoint: str | Path, paths: list[str | Path], top_k: int = 3, as_json: bool = False) -> int:
+def run(checkpoint: str | Path, paths: list[str | Path], top_k: int = 3, as_json: bool = False,
+        model: str | None = None, allow_changed_source: bool = False) -> int:
     """The ``predict`` command: prints predictions, one error line per bad input; 1 if any failed."""
     failures = 0
 
@@ -180,7 +183,8 @@ def run(checkpoint: str | Path, paths: list[str | Path], top_k: int = 3, as_json
         failures += 1
         print(f"tinycifar predict: {path}: {message}", file=sys.stderr)
 
-    results = predict_files(checkpoint, paths, top_k, on_error=report)
+    results = predict_files(checkpoint, paths, top_k, on_error=report, model=model,
+                            allow_changed_source=allow_changed_source)
     if as_json:
         print(json.dumps([r.to_dict() for r in results], indent=2))
     else:

@@ -23,6 +23,7 @@ import io
 import json
 import textwrap
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,7 @@ from torch import nn
 
 from .augment import AugmentConfig, augment
 from .checkpoint import CheckpointError, atomic_write_bytes
-from .data import CLASSES
+from .data import CLASSES, Split
 from .inference import load_inference_model, run_split, to_unit_float
 
 MIN_CAM_SIZE = 8
@@ -406,37 +407,75 @@ def render_html(title: str, facts: list[list[Any]], figures: list[tuple[str, str
 # ---------------------------------------------------------------------------- the report
 
 
+@dataclass
+class RunEvaluation:
+    """A run's checkpoint evaluated on its test set: what the report's figures are drawn from."""
+
+    checkpoint: Path
+    model: nn.Module  # NormalizedNet: takes 0..1 images
+    state: dict[str, Any]
+    test: Split
+    probs: torch.Tensor  # (N, 10) softmax
+    preds: torch.Tensor
+    wrong: torch.Tensor  # indices of mistakes, most confident first
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return dict(self.state.get("config", {}))
+
+
+def evaluate_run(run_dir: str | Path, data: str | Path | None = None, model: str | nn.Module | None = None,
+                 allow_changed_source: bool = False) -> RunEvaluation:
+    """The run's best.pt (last.pt when there is none) on its test set, in fp32.
+
+    ``model`` names the network's code when it is the user's own; the test set comes from
+    ``data``, the run's own data folder or $CIFAR10_ROOT (synthetic runs regenerate theirs).
+    """
+    checkpoint = pick_checkpoint(Path(run_dir))
+    normalized, state = load_inference_model(checkpoint, model, allow_changed_source)
+    test = run_split(dict(state.get("config", {})), train=False, data=data)
+    probs = test_probabilities(normalized, test.images)
+    preds = probs.argmax(1)
+    wrong = (preds != test.labels).nonzero().flatten()
+    wrong = wrong[probs[wrong, preds[wrong]].argsort(descending=True)]  # most confident mistakes first
+    return RunEvaluation(checkpoint, normalized, state, test, probs, preds, wrong)
+
+
+def mistakes_figure(ev: RunEvaluation, count: int = GALLERY) -> Figure:
+    return plot_gallery(ev.test.images, ev.test.labels, ev.probs, ev.wrong[:count].tolist(), len(ev.wrong))
+
+
+def gradcam_figure(ev: RunEvaluation, cam_layer: str | None = None) -> tuple[Figure, str, nn.Module, tuple]:
+    """Grad-CAM for the predicted and the true class of the most confident mistakes (or of hits
+    when there are none); returns the figure, the layer's name, the layer and its output shape."""
+    net = ev.model.model
+    try:
+        layer, shape = gradcam_layer(net, cam_layer)
+    except ValueError as e:
+        raise CheckpointError(f"{ev.checkpoint}: {e}") from None
+    labels, preds = ev.test.labels, ev.preds
+    cam_idx = ev.wrong[:CAM_IMAGES] if len(ev.wrong) else (preds == labels).nonzero().flatten()[:CAM_IMAGES]
+    x = to_unit_float(ev.test.images[cam_idx])
+    module = net.get_submodule(layer)
+    cam_pred = upsample_cam(grad_cam(ev.model, module, x, preds[cam_idx]))
+    cam_true = upsample_cam(grad_cam(ev.model, module, x, labels[cam_idx]))
+    fig = plot_gradcam(ev.test.images[cam_idx], labels[cam_idx], preds[cam_idx], cam_pred, cam_true, layer,
+                       bool(len(ev.wrong)))
+    return fig, layer, module, shape
+
+
 def write_report(run_dir: str | Path, data: str | Path | None = None, model: str | nn.Module | None = None,
                  allow_changed_source: bool = False, cam_layer: str | None = None) -> Path:
     """Write the figures and ``report.html`` into ``run_dir``; returns the page's path.
 
-    The model is the run's best.pt (last.pt when there is none), rebuilt from ``model`` when it
-    is the user's own network; the test set is read from ``data``, the run's own data folder or
-    $CIFAR10_ROOT (synthetic runs regenerate theirs). ``cam_layer`` overrides Grad-CAM's layer.
+    See ``evaluate_run`` for ``data``, ``model`` and ``allow_changed_source``; ``cam_layer``
+    overrides Grad-CAM's automatic choice of layer.
     """
     run_dir = Path(run_dir)
-    checkpoint = pick_checkpoint(run_dir)
-    model, state = load_inference_model(checkpoint, model, allow_changed_source)
-    net = model.model
-    config = dict(state.get("config", {}))
+    ev = evaluate_run(run_dir, data, model, allow_changed_source)
+    checkpoint, state, config, preds, labels = ev.checkpoint, ev.state, ev.config, ev.preds, ev.test.labels
     history = read_history(run_dir, state)
-    test = run_split(config, train=False, data=data)
-    probs = test_probabilities(model, test.images)
-    preds = probs.argmax(1)
-    labels = test.labels
     confusion = torch.bincount(labels * 10 + preds, minlength=100).view(10, 10).numpy()
-    wrong = (preds != labels).nonzero().flatten()
-    wrong = wrong[probs[wrong, preds[wrong]].argsort(descending=True)]  # most confident mistakes first
-
-    try:
-        layer, shape = gradcam_layer(net, cam_layer)
-    except ValueError as e:
-        raise CheckpointError(f"{checkpoint}: {e}") from None
-    cam_idx = wrong[:CAM_IMAGES] if len(wrong) else (preds == labels).nonzero().flatten()[:CAM_IMAGES]
-    x = to_unit_float(test.images[cam_idx])
-    module = net.get_submodule(layer)
-    cam_pred = upsample_cam(grad_cam(model, module, x, preds[cam_idx]))
-    cam_true = upsample_cam(grad_cam(model, module, x, labels[cam_idx]))
 
     aug = aug_config(config)
     train_split = run_split(config, train=True, data=data)
@@ -445,6 +484,7 @@ def write_report(run_dir: str | Path, data: str | Path | None = None, model: str
     accuracy = 100 * float((preds == labels).float().mean())
     trained_in = run_precision(run_dir)
     with matplotlib.rc_context(STYLE):
+        cam_figure, layer, module, shape = gradcam_figure(ev, cam_layer)
         figures = [
             ("curves.png", "Learning curves",
              "Loss and accuracy per epoch, as in metrics.csv. Training numbers are measured on augmented "
@@ -453,8 +493,7 @@ def write_report(run_dir: str | Path, data: str | Path | None = None, model: str
             ("misclassified.png", "Misclassified test images",
              "The test images the network got wrong with the highest confidence, enlarged with nearest-neighbour "
              "interpolation (each square is one of the 32x32 pixels). Confidence is the softmax probability "
-             "of the predicted class.",
-             plot_gallery(test.images, labels, probs, wrong[:GALLERY].tolist(), len(wrong))),
+             "of the predicted class.", mistakes_figure(ev)),
             ("confusion_matrix.png", "Confusion matrix",
              "Rows are true classes, columns predicted classes; off-diagonal cells show which classes are "
              "confused with which.", plot_confusion(confusion)),
@@ -471,9 +510,7 @@ def write_report(run_dir: str | Path, data: str | Path | None = None, model: str
              f"Grad-CAM (gradient-weighted class activation maps) on layer <code>{html.escape(layer)}</code> "
              f"({html.escape(type(module).__name__)}, output {shape[0]} channels at {shape[1]}x{shape[2]}): "
              f"{layer_reason(cam_layer is not None)} Red marks the regions that raise the class score most; "
-             "each map is scaled to its own maximum and upsampled bilinearly.",
-             plot_gradcam(test.images[cam_idx], labels[cam_idx], preds[cam_idx], cam_pred, cam_true, layer,
-                          bool(len(wrong)))),
+             "each map is scaled to its own maximum and upsampled bilinearly.", cam_figure),
         ]
     rendered = [(heading, caption, _png(fig, run_dir / name)) for name, heading, caption, fig in figures]
 

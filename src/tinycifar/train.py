@@ -311,6 +311,7 @@ class RunResult:
     summary: dict[str, Any]
     history: list[dict[str, Any]] = field(default_factory=list)
     is_main: bool = True  # False on the other ranks under torchrun: they write nothing
+    model: nn.Module | None = None  # the evaluated network at the end (the EMA of the weights when kept)
 
 
 def model_kwargs(cfg: TrainConfig) -> dict[str, Any]:
@@ -527,7 +528,7 @@ def _train(cfg: TrainConfig, env: DistEnv, data: tuple[Split, Split] | None, mod
     if not quiet:
         print(summary_line(summary))
         print(f"run folder: {run_dir}")
-    return RunResult(run_dir, summary, history, env.is_main)
+    return RunResult(run_dir, summary, history, env.is_main, eval_model)
 
 
 def check_resumed_source(recorded: ModelSource, current: ModelSource, allow_changed: bool, path: Path) -> None:

@@ -80,10 +80,10 @@ def layer_table(model: nn.Module, input_size: int = 32) -> list[LayerRow]:
     return rows
 
 
-def model_summary(model: nn.Module) -> dict:
+def model_summary(model: nn.Module, name: str | None = None) -> dict:
     rows = layer_table(model)
     return {
-        "model": getattr(model, "name", type(model).__name__),
+        "model": name or getattr(model, "name", None) or type(model).__name__,
         "params": sum(p.numel() for p in model.parameters()),
         "macs": sum(r.macs for r in rows),
         "receptive_field": receptive_field(model),

@@ -1,0 +1,99 @@
+"""The small public Python API, for notebooks: train, check and look at your own network.
+
+    import tinycifar
+    from my_net import Net
+
+    print(tinycifar.check(Net()))                      # the assignment's rules, PASS/FAIL each
+    print(tinycifar.summary(Net()))                    # per-layer shapes, parameters, MACs, field
+    run = tinycifar.fit(Net(), preset="seed", epochs=20)
+    tinycifar.plot_curves(run); tinycifar.plot_mistakes(run); tinycifar.plot_gradcam(run)
+
+Every function takes a network as an ``nn.Module`` object or as a spec string (a registered
+name, ``path/to/file.py:factory``, ``package.module:factory``); the figures are matplotlib
+``Figure`` objects, which Jupyter shows when they end a cell.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+from matplotlib.figure import Figure
+from torch import nn
+
+from .config import resolve_config
+from .models import build_model
+from .models.registry import source_of_instance
+from .models.rules import CheckReport, Rules, check
+from .models.summary import format_summary, model_summary
+from .report import evaluate_run, gradcam_figure, mistakes_figure, read_history
+from .report import plot_curves as _plot_history
+from .train import RunResult, train
+
+__all__ = ["CheckReport", "Rules", "RunResult", "Summary", "check", "fit", "plot_curves", "plot_gradcam",
+           "plot_mistakes", "summary"]
+
+
+def fit(model: nn.Module | str, preset: str = "seed", **overrides: Any) -> RunResult:
+    """Train ``model`` with a preset's recipe; keyword arguments override any config value.
+
+    ``fit(Net(), preset="fast", epochs=5, lr=0.05, aug={"policy": "seed"}, out="runs/try1")``.
+    An ``nn.Module`` is trained in place; ``result.model`` is the network that was evaluated
+    (the moving average of the weights when the preset keeps one). Returns the run folder,
+    the summary (``result.summary["final_acc"]``) and the per-epoch history.
+    """
+    if isinstance(model, nn.Module):
+        cfg = resolve_config(preset, overrides={**overrides, "model": source_of_instance(model).spec})
+        return train(cfg, model=model)
+    cfg = resolve_config(preset, overrides={**overrides, "model": model})
+    return train(cfg)
+
+
+class Summary(dict):
+    """``model_summary``'s dict, printed as the per-layer table."""
+
+    def __str__(self) -> str:
+        return format_summary(self)
+
+    def _repr_pretty_(self, printer, cycle) -> None:  # IPython / Jupyter
+        printer.text(str(self))
+
+
+def summary(model: nn.Module | str, **model_kwargs: Any) -> Summary:
+    """Per-layer output shapes, parameters, MACs and receptive field; ``print()`` shows the table."""
+    network, _ = build_model(model, model_kwargs)
+    return Summary(model_summary(network, name=model if isinstance(model, str) else None))
+
+
+def _run_dir(run: RunResult | str | Path) -> Path:
+    return Path(run.run_dir if isinstance(run, RunResult) else run)
+
+
+def _network(run: RunResult | str | Path, model: nn.Module | str | None) -> nn.Module | str | None:
+    """The network code to load the run's checkpoint into: the one named, else the run's own object
+    (copied, so the caller's trained network keeps its final weights)."""
+    if model is not None:
+        return model
+    return copy.deepcopy(run.model) if isinstance(run, RunResult) and run.model is not None else None
+
+
+def plot_curves(run: RunResult | str | Path) -> Figure:
+    """Loss and accuracy per epoch, train and test, of a run (a ``fit`` result or a run folder)."""
+    run_dir = _run_dir(run)
+    config_file = run_dir / "config.json"
+    smoothing = json.loads(config_file.read_text()).get("label_smoothing", 0.0) if config_file.is_file() else 0.0
+    return _plot_history(read_history(run_dir, {}), float(smoothing))
+
+
+def plot_mistakes(run: RunResult | str | Path, model: nn.Module | str | None = None, count: int = 24,
+                  data: str | Path | None = None) -> Figure:
+    """The test images the run's best checkpoint gets wrong with the highest confidence."""
+    return mistakes_figure(evaluate_run(_run_dir(run), data, _network(run, model)), count)
+
+
+def plot_gradcam(run: RunResult | str | Path, model: nn.Module | str | None = None, layer: str | None = None,
+                 data: str | Path | None = None) -> Figure:
+    """Grad-CAM maps of the most confident mistakes, on ``layer`` (default: the last conv map >= 8x8)."""
+    return gradcam_figure(evaluate_run(_run_dir(run), data, _network(run, model)), layer)[0]
