@@ -51,7 +51,7 @@ def main() -> None:
     args = ap.parse_args()
 
     base = resolve_config(args.preset, overrides=parse_assignments(args.set))
-    data = load_data(base, quiet=True)
+    data = load_data(base)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for seed in range(args.seeds):  # variants interleaved per seed: all see the same drift

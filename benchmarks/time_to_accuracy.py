@@ -61,7 +61,7 @@ def main() -> None:
     if args.data:
         overrides["data"] = args.data
     configs = {preset: resolve_config(preset, overrides=overrides) for preset in args.presets}
-    data = load_data(configs[args.presets[0]], quiet=True)  # loaded once, shared by every run
+    data = load_data(configs[args.presets[0]])  # loaded once, shared by every run
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for seed in range(args.seeds):

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import textwrap
 from pathlib import Path
 
 import pytest
+from cli_helpers import one_line, run_main
 from torch import nn
 
-from tinycifar.cli import main
 from tinycifar.config import parse_assignments, resolve_config
 from tinycifar.models import ModelError, build_model, create_model, plugins
 from tinycifar.models.registry import ModelSource, parse_spec, short_name, source_of_instance
@@ -41,21 +42,6 @@ def write(tmp_path: Path, text: str, name: str = "my_net.py") -> Path:
     return path
 
 
-def run_main(capsys, argv: list[str]) -> tuple[int, str, str]:
-    try:
-        rc = main(argv)
-    except SystemExit as e:
-        rc = e.code
-    captured = capsys.readouterr()
-    return rc, captured.out, captured.err
-
-
-def one_line(rc: int, err: str, *fragments: str) -> str:
-    lines = err.strip().splitlines()
-    assert rc == 2 and len(lines) == 1 and "Traceback" not in err, err
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    return lines[0]
 
 
 @pytest.mark.parametrize(("spec", "expected"), [
@@ -118,6 +104,15 @@ def test_plugin_registered_under_the_entry_point_group(tmp_path, monkeypatch):
     model, source = build_model("plugnet")
     assert model.conv.out_channels == 4 and source.kind == "plugin" and not source.is_user_code
     assert resolve_config("fast", overrides={"model": "plugnet"}).model == "plugnet"
+
+
+def test_models_lists_plugins_beside_the_built_in_networks(tmp_path, monkeypatch, capsys):
+    test_plugin_registered_under_the_entry_point_group(tmp_path, monkeypatch)
+    rc, out, _ = run_main(capsys, ["models", "--json"])
+    rows = {r["model"]: r for r in json.loads(out)}
+    assert rc == 0 and rows["plugnet"]["source"] == "plugin plugnets:small"
+    assert rows["plugnet"]["params"] == 3 * 4 * 9 + 4 + 4 * 10 + 10
+    assert rows["era9"]["source"] == "built in"
 
 
 def test_model_kwargs_from_set_and_model_arg():

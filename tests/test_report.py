@@ -70,7 +70,7 @@ def test_synthetic_data_is_regenerated_exactly(run_dir):
     """The report's copy of a synthetic run's data is the data the run trained and tested on."""
     config = json.loads((run_dir / "config.json").read_text())
     cfg = resolve_config("fast", overrides={k: config[k] for k in ("dataset", "synthetic_size", "seed")})
-    train, test = load_data(cfg, quiet=True)
+    train, test = load_data(cfg)
     for split, ours in ((train, run_split(config, train=True)), (test, run_split(config, train=False))):
         assert torch.equal(split.images, ours.images) and torch.equal(split.labels, ours.labels)
 

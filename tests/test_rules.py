@@ -8,9 +8,9 @@ import textwrap
 import pytest
 import torch
 import torch.nn.functional as F
+from cli_helpers import run_main
 from torch import nn
 
-from tinycifar.cli import main
 from tinycifar.models import MODEL_REGISTRY, create_model
 from tinycifar.models.graph import empirical_receptive_field, trace
 from tinycifar.models.rules import Rules, RulesError, check, load_rules
@@ -31,8 +31,9 @@ class Good(nn.Module):
                  downsample: str = "stride", head: str = "gap", extra_width: int = 0):
         super().__init__()
         w = width
-        self.c1 = nn.Sequential(cbr(3, w), cbr(w, w, stride=1 if downsample == "maxpool" else 2))
-        self.pool = nn.MaxPool2d(2) if downsample == "maxpool" else nn.Identity()
+        self.c1 = nn.Sequential(cbr(3, w), cbr(w, w, stride=1 if downsample == "maxpool" else 2))  # pool instead
+        pools = {"maxpool": nn.MaxPool2d(2), "maxpool-same": nn.MaxPool2d(3, stride=1, padding=1)}
+        self.pool = pools.get(downsample, nn.Identity())
         self.c2 = nn.Sequential(cbr(w, w, dilation=dilation),
                                 cbr(w, w, groups=w if groups_is_depthwise else 2), cbr(w, 2 * w, k=1),
                                 cbr(2 * w, 2 * w, stride=2))
@@ -113,6 +114,8 @@ def test_hand_computed_fields():
 BROKEN = {
     "max-pooling": (lambda: Good(downsample="maxpool"), {"no max-pooling", "no pooling but global average",
                                                          "downsampling by convolutions"}),
+    "max-pooling that keeps the size": (lambda: Good(downsample="maxpool-same"), {"no max-pooling",
+                                                                              "no pooling but global average"}),
     "flatten + linear without GAP": (lambda: Good(head="flatten"), {"GAP then linear"}),
     "too many parameters": (lambda: Good(extra_width=200_000), {"parameters"}),
     "no dilation": (lambda: Good(dilation=1), {"dilated conv"}),
@@ -183,14 +186,6 @@ def test_default_rules_are_the_assignments():
                                  no_max_pooling=True, only_global_average_pooling=True, depthwise_separable=True,
                                  dilated_conv=True, downsample_by_conv=True, gap_then_linear=True)
 
-
-def run_main(capsys, argv):
-    try:
-        rc = main(argv)
-    except SystemExit as e:
-        rc = e.code
-    captured = capsys.readouterr()
-    return rc, captured.out, captured.err
 
 
 def test_cli_exit_codes_and_json(tmp_path, capsys):

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_helpers import one_line, run_main
 from PIL import Image
 
 from tinycifar.checkpoint import load_checkpoint
@@ -48,21 +49,6 @@ TRAIN = ["--dataset", "synthetic", "--set", "synthetic_size=300", "--epochs", "2
          "--threads", "1", "--quiet"]
 
 
-def run_main(capsys, argv: list[str]) -> tuple[int, str, str]:
-    try:
-        rc = main([str(a) for a in argv])
-    except SystemExit as e:
-        rc = e.code
-    captured = capsys.readouterr()
-    return rc, captured.out, captured.err
-
-
-def one_line(rc: int, err: str, *fragments: str) -> str:
-    lines = err.strip().splitlines()
-    assert rc == 2 and len(lines) == 1 and "Traceback" not in err, err
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +103,7 @@ def test_eval_report_predict_export_with_the_named_network(trained, tmp_path, ca
     Image.fromarray(np.full((40, 50, 3), 120, np.uint8)).save(image)
     rc, out, _ = run_main(capsys, ["predict", "--checkpoint", run / "best.pt", "--model", spec, image, "--json"])
     assert rc == 0 and len(json.loads(out)[0]["top_k"]) == 3
-    for fmt in ("onnx", "torchscript"):
+    for fmt in ("onnx", "onnx-int8", "torchscript"):
         rc, out, _ = run_main(capsys, ["export", "--checkpoint", run / "best.pt", "--model", spec, "--format", fmt,
                                        "--out", tmp_path / f"m.{fmt}"])
         assert rc == 0 and (tmp_path / f"m.{fmt}").stat().st_size > 10_000

@@ -296,7 +296,7 @@ def prepare_run_dir(cfg: TrainConfig) -> Path:
 # ---------------------------------------------------------------------------- data
 
 
-def load_data(cfg: TrainConfig, quiet: bool) -> tuple[Split, Split]:
+def load_data(cfg: TrainConfig) -> tuple[Split, Split]:
     if cfg.dataset == "synthetic":
         return synthetic_cifar10(cfg.synthetic_size, max(cfg.synthetic_size // 4, 10), seed=cfg.seed)
     return load_cifar10(cfg.data, verify_md5=not cfg.allow_modified, download=cfg.download)
@@ -346,7 +346,76 @@ def train(cfg: TrainConfig, data: tuple[Split, Split] | None = None, model: nn.M
             dist.destroy_process_group()
 
 
+@dataclass
+class Run:
+    """One run between its epochs: built by ``setup``, advanced by ``train_one_epoch`` and
+    ``evaluate_and_checkpoint``, closed by ``finish``."""
+
+    cfg: TrainConfig
+    env: DistEnv
+    device: torch.device
+    precision: str
+    run_dir: Path
+    model: nn.Module  # the network being trained
+    net: nn.Module  # what a step calls: the model, wrapped in DDP and/or torch.compile
+    ema: AveragedModel | None
+    source: ModelSource
+    optimizer: torch.optim.Optimizer
+    criterion: nn.Module
+    train_loader: DeviceLoader
+    test_loader: DeviceLoader
+    mean: list[float]
+    std: list[float]
+    history: list[dict[str, Any]] = field(default_factory=list)
+    start_epoch: int = 0
+    train_seconds: float = 0.0
+    best_acc: float = -1.0
+    saved_epoch: int = 0  # epoch of the newest last.pt on disk
+
+    @property
+    def quiet(self) -> bool:
+        return self.cfg.quiet or not self.env.is_main
+
+    @property
+    def eval_model(self) -> nn.Module:
+        """What is evaluated and used for inference: the moving average of the weights when kept."""
+        return self.ema.module if self.ema is not None else self.model
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.train_loader)
+
+    @property
+    def params(self) -> int:
+        return count_params(self.model)
+
+    def checkpoint_state(self, epoch: int) -> dict[str, Any]:
+        ema = self.ema
+        return {
+            "model": self.cfg.model, "model_kwargs": model_kwargs(self.cfg), "model_source": self.source.to_dict(),
+            "epoch": epoch, "model_state": self.model.state_dict(), "optimizer_state": self.optimizer.state_dict(),
+            "ema_state": ema.module.state_dict() if ema is not None else None,
+            "ema_full_state": ema.state_dict() if ema is not None else None,
+            "config": self.cfg.to_dict(), "mean": self.mean, "std": self.std, "history": self.history,
+            "params": self.params,
+        }
+
+
 def _train(cfg: TrainConfig, env: DistEnv, data: tuple[Split, Split] | None, model: nn.Module | None) -> RunResult:
+    run = setup(cfg, env, data, model)
+    stop_reason = ""
+    for epoch in range(run.start_epoch, cfg.epochs):
+        stats = train_one_epoch(run, epoch)
+        accuracy = evaluate_and_checkpoint(run, epoch, stats)
+        if cfg.target_acc and accuracy >= cfg.target_acc:
+            stop_reason = f"reached --target-acc {cfg.target_acc}% at epoch {epoch + 1}"
+            break
+    return finish(run, stop_reason)
+
+
+def setup(cfg: TrainConfig, env: DistEnv, data: tuple[Split, Split] | None = None,
+          model: nn.Module | None = None) -> Run:
+    """Device, data, network, run folder, loaders, optimizer; restores a resumed run's state."""
     device = resolve_device(cfg.device)
     if device.type == "cuda" and env.world_size > 1:
         device = torch.device("cuda", env.local_rank)
@@ -355,180 +424,184 @@ def _train(cfg: TrainConfig, env: DistEnv, data: tuple[Split, Split] | None, mod
         torch.set_num_threads(cfg.threads)
     if cfg.batch_size % env.world_size:
         raise ConfigError(f"--batch-size {cfg.batch_size}: must be divisible by the {env.world_size} processes")
-    quiet = cfg.quiet or not env.is_main
 
     # The data and the network first: a missing dataset or a broken network file must not leave an
     # empty run folder behind.
-    train_split, test_split = data if data is not None else rank0_first(env, lambda: load_data(cfg, quiet))
+    train_split, test_split = data if data is not None else rank0_first(env, lambda: load_data(cfg))
     mean, std = channel_stats(train_split.images)
     torch.manual_seed(cfg.seed)
     model, source = build_network(cfg, model)
     model = model.to(device)
     prepare_model(model, cfg, train_split, mean, std)
-    # Rank 0 checks and creates the run folder; every rank gets its path (the default one is
-    # timestamped) and reads the resume checkpoint from it before rank 0 can overwrite it
-    # (that happens only after the collectives of a whole epoch).
-    run_dir = rank0_first(env, lambda: prepare_run_dir(cfg), share=True)
-    resume_state = load_checkpoint(run_dir / "last.pt") if cfg.resume else None
-    if resume_state is not None:
-        check_resumed_source(recorded_source(resume_state), source, cfg.allow_changed_source, run_dir / "last.pt")
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    params = count_params(model)
     per_rank_batch = cfg.batch_size // env.world_size
     train_loader = DeviceLoader(train_split, per_rank_batch, mean, std, device, train=True, aug=cfg.aug,
                                 seed=cfg.seed, channels_last=cfg.channels_last, drop_last=True,
                                 rank=env.rank, world_size=env.world_size)
     test_loader = DeviceLoader(test_split, 1000, mean, std, device, train=False,
                                channels_last=cfg.channels_last, rank=env.rank, world_size=env.world_size)
-    steps_per_epoch = len(train_loader)
-    if steps_per_epoch == 0:
+    if len(train_loader) == 0:
         raise ConfigError(f"--batch-size {cfg.batch_size}: larger than the {len(train_split)} training images")
-    total_steps = steps_per_epoch * cfg.epochs
 
-    optimizer = build_optimizer(model, cfg)
+    # Rank 0 checks and creates the run folder; every rank gets its path (the default one is
+    # timestamped) and reads the resume checkpoint from it before rank 0 can overwrite it
+    # (that happens only after the collectives of a whole epoch).
+    run_dir = rank0_first(env, lambda: prepare_run_dir(cfg), share=True)
     ema = (AveragedModel(model, multi_avg_fn=ema_with_warmup(cfg.ema_decay), use_buffers=True)
            if cfg.ema_decay > 0 else None)
-    history: list[dict[str, Any]] = []
-    start_epoch, train_seconds, best_acc = 0, 0.0, -1.0
-    if resume_state is not None:
-        model.load_state_dict(resume_state["model_state"])
-        optimizer.load_state_dict(resume_state["optimizer_state"])
-        if ema is not None and resume_state.get("ema_full_state"):
-            ema.load_state_dict(resume_state["ema_full_state"])
-        history = list(resume_state["history"])
-        start_epoch = int(resume_state["epoch"])
-        train_seconds = float(history[-1]["train_seconds_total"]) if history else 0.0
-        best_acc = max((h["test_acc"] for h in history), default=-1.0)
-    saved_epoch = start_epoch  # epoch of the newest last.pt on disk
-
     net = model
     if env.world_size > 1:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.compile:
         net = torch.compile(net)
-    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    eval_model = ema.module if ema is not None else model
+    run = Run(cfg, env, device, precision, run_dir, model, net, ema, source, build_optimizer(model, cfg),
+              nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing), train_loader, test_loader, mean, std)
+    resumed = cfg.resume and restore(run, load_checkpoint(run_dir / "last.pt"))
+    announce(run, len(train_split), len(test_split), resumed)
+    return run
 
+
+def restore(run: Run, state: dict[str, Any]) -> bool:
+    """Continue from a run's last.pt: the same code (unless allowed), weights, optimizer, EMA, history."""
+    check_resumed_source(recorded_source(state), run.source, run.cfg.allow_changed_source, run.run_dir / "last.pt")
+    run.model.load_state_dict(state["model_state"])
+    run.optimizer.load_state_dict(state["optimizer_state"])
+    if run.ema is not None and state.get("ema_full_state"):
+        run.ema.load_state_dict(state["ema_full_state"])
+    run.history = list(state["history"])
+    run.start_epoch = run.saved_epoch = int(state["epoch"])
+    run.train_seconds = float(run.history[-1]["train_seconds_total"]) if run.history else 0.0
+    run.best_acc = max((h["test_acc"] for h in run.history), default=-1.0)
+    return True
+
+
+def announce(run: Run, n_train: int, n_test: int, resumed: bool) -> None:
+    """config.json (rank 0) and the run's first line."""
+    cfg, env = run.cfg, run.env
     if env.is_main:
         try:
-            write_json(run_dir / "config.json", {**cfg.to_dict(), "resolved": {
-                "device": str(device), "precision": precision, "world_size": env.world_size,
-                "per_rank_batch": per_rank_batch, "steps_per_epoch": steps_per_epoch, "params": params,
-                "mean": mean, "std": std, "torch": torch.__version__}})
-            if resume_state is not None:  # a kill between last.pt and metrics.csv leaves the csv behind
-                write_metrics_csv(run_dir / "metrics.csv", history)
+            write_json(run.run_dir / "config.json", {**cfg.to_dict(), "resolved": {
+                "device": str(run.device), "precision": run.precision, "world_size": env.world_size,
+                "per_rank_batch": cfg.batch_size // env.world_size, "steps_per_epoch": run.steps_per_epoch,
+                "params": run.params, "mean": run.mean, "std": run.std, "torch": torch.__version__}})
+            if resumed:  # a kill between last.pt and metrics.csv leaves the csv behind
+                write_metrics_csv(run.run_dir / "metrics.csv", run.history)
         except OSError as e:
-            raise TrainingError(f"cannot write to {run_dir} ({e.strerror or e}); no epoch was run") from None
-    if not quiet:
-        print(f"tinycifar: {cfg.model} ({params:,} parameters), {len(train_split):,} train / "
-              f"{len(test_split):,} test images, {device} {precision}, batch {cfg.batch_size}, "
-              f"{cfg.epochs} epochs -> {run_dir}")
-        if resume_state is not None:
-            print(f"resuming after epoch {start_epoch}")
+            raise TrainingError(f"cannot write to {run.run_dir} ({e.strerror or e}); no epoch was run") from None
+    if not run.quiet:
+        print(f"tinycifar: {cfg.model} ({run.params:,} parameters), {n_train:,} train / {n_test:,} test images, "
+              f"{run.device} {run.precision}, batch {cfg.batch_size}, {cfg.epochs} epochs -> {run.run_dir}")
+        if resumed:
+            print(f"resuming after epoch {run.start_epoch}")
 
-    def checkpoint_state(epoch: int) -> dict[str, Any]:
-        return {
-            "model": cfg.model, "model_kwargs": model_kwargs(cfg), "model_source": source.to_dict(), "epoch": epoch,
-            "model_state": model.state_dict(), "optimizer_state": optimizer.state_dict(),
-            "ema_state": ema.module.state_dict() if ema is not None else None,
-            "ema_full_state": ema.state_dict() if ema is not None else None,
-            "config": cfg.to_dict(), "mean": mean, "std": std, "history": history, "params": params,
-        }
 
-    stop_reason = ""
-    for epoch in range(start_epoch, cfg.epochs):
-        train_loader.set_epoch(epoch)
-        train_loader.resolution = cfg.low_res if epoch < int(cfg.low_res_fraction * cfg.epochs) else None
-        # dropout stream: reproducible on resume, and its own on each rank
-        torch.manual_seed(cfg.seed * 1_000_003 + epoch + 7919 * env.rank)
-        model.train()
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), device=device, dtype=torch.long)
-        seen = 0
-        if not quiet:
-            print(f"EPOCH: {epoch + 1}")
-        bar = tqdm(train_loader, total=steps_per_epoch, disable=quiet, dynamic_ncols=True, leave=True)
-        t0 = time.perf_counter()
-        for i, (x, y) in enumerate(bar):
-            step = epoch * steps_per_epoch + i
-            lr = cfg.lr * lr_factor(step, total_steps, steps_per_epoch, cfg)
-            set_lr(optimizer, lr)
-            with autocast_context(device, precision):
-                logits = net(x)
-                loss = criterion(logits.float(), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip > 0:
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            if ema is not None:
-                ema.update_parameters(model)
-            loss_sum += loss.detach() * len(y)
-            correct += (logits.argmax(1) == y).sum()
-            seen += len(y)
-            if not quiet and (i % 10 == 0 or i == steps_per_epoch - 1):
-                bar.set_description(f"Loss={loss.item():.4f} Batch_id={i} "
-                                    f"Accuracy={100.0 * correct.item() / seen:.2f}")
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        epoch_seconds = time.perf_counter() - t0
-        bar.close()
-        totals = torch.stack([loss_sum.double(), correct.double(), torch.tensor(float(seen), device=device,
-                                                                                dtype=torch.float64)])
-        if env.world_size > 1:
-            dist.all_reduce(totals)
-        train_loss, train_acc = (totals[0] / totals[2]).item(), (100 * totals[1] / totals[2]).item()
-        if not math.isfinite(train_loss):
-            good = (f"the last good checkpoint is {run_dir / 'last.pt'} (epoch {saved_epoch})" if saved_epoch
-                    else "no checkpoint was written yet")
-            raise TrainingError(f"epoch {epoch + 1}: training loss is {train_loss}; stopped, {good}; "
-                                "lower --lr or set a --grad-clip")
-        train_seconds += epoch_seconds
-        t_eval = time.perf_counter()
-        sync_buffers(env, model, *([ema.module] if ema is not None else []))
-        result = evaluate(eval_model, test_loader, precision)
-        eval_seconds = time.perf_counter() - t_eval
-        row = {"epoch": epoch + 1, "lr": lr, "train_loss": round(train_loss, 6), "train_acc": round(train_acc, 4),
-               "test_loss": round(result.loss, 6), "test_acc": round(result.accuracy, 4),
-               "seconds": round(epoch_seconds, 3), "train_seconds_total": round(train_seconds, 3),
-               "eval_seconds": round(eval_seconds, 3)}
-        history.append(row)
-        if not quiet:
-            print(f"\n{result.line()}\n")
-        if env.is_main:
-            state = checkpoint_state(epoch + 1)
-            try:
-                if result.accuracy > best_acc:
-                    save_checkpoint(run_dir / "best.pt", state)
-                    best_acc = result.accuracy
-                save_checkpoint(run_dir / "last.pt", state)
-                saved_epoch = epoch + 1
-                write_metrics_csv(run_dir / "metrics.csv", history)
-            except OSError as e:  # disk full, folder gone: the atomic writes left the old files whole
-                raise TrainingError(
-                    f"epoch {epoch + 1}: cannot write to {run_dir} ({e.strerror or e}); the previous checkpoint "
-                    f"{run_dir / 'last.pt'} (epoch {saved_epoch}) is intact; make room, then --resume") from None
-        if cfg.target_acc and result.accuracy >= cfg.target_acc:
-            stop_reason = f"reached --target-acc {cfg.target_acc}% at epoch {epoch + 1}"
-            break
+@dataclass
+class EpochStats:
+    train_loss: float
+    train_acc: float
+    seconds: float
+    lr: float  # the last step's
 
-    summary = build_summary(cfg, history, params, precision, device, env, stop_reason,
-                            steps_per_epoch * cfg.batch_size)
+
+def train_one_epoch(run: Run, epoch: int) -> EpochStats:
+    """One pass over the training set: the recipe's steps, with a progress bar (rank 0)."""
+    cfg, device, steps = run.cfg, run.device, run.steps_per_epoch
+    run.train_loader.set_epoch(epoch)
+    run.train_loader.resolution = cfg.low_res if epoch < int(cfg.low_res_fraction * cfg.epochs) else None
+    # dropout stream: reproducible on resume, and its own on each rank
+    torch.manual_seed(cfg.seed * 1_000_003 + epoch + 7919 * run.env.rank)
+    run.model.train()
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    seen, lr = 0, cfg.lr
+    if not run.quiet:
+        print(f"EPOCH: {epoch + 1}")
+    bar = tqdm(run.train_loader, total=steps, disable=run.quiet, dynamic_ncols=True, leave=True)
+    t0 = time.perf_counter()
+    for i, (x, y) in enumerate(bar):
+        lr = cfg.lr * lr_factor(epoch * steps + i, steps * cfg.epochs, steps, cfg)
+        set_lr(run.optimizer, lr)
+        with autocast_context(device, run.precision):
+            logits = run.net(x)
+            loss = run.criterion(logits.float(), y)
+        run.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip)
+        run.optimizer.step()
+        if run.ema is not None:
+            run.ema.update_parameters(run.model)
+        loss_sum += loss.detach() * len(y)
+        correct += (logits.argmax(1) == y).sum()
+        seen += len(y)
+        if not run.quiet and (i % 10 == 0 or i == steps - 1):
+            bar.set_description(f"Loss={loss.item():.4f} Batch_id={i} Accuracy={100.0 * correct.item() / seen:.2f}")
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - t0
+    bar.close()
+    totals = torch.stack([loss_sum.double(), correct.double(), torch.tensor(float(seen), device=device,
+                                                                            dtype=torch.float64)])
+    if run.env.world_size > 1:
+        dist.all_reduce(totals)
+    train_loss, train_acc = (totals[0] / totals[2]).item(), (100 * totals[1] / totals[2]).item()
+    if not math.isfinite(train_loss):
+        good = (f"the last good checkpoint is {run.run_dir / 'last.pt'} (epoch {run.saved_epoch})" if run.saved_epoch
+                else "no checkpoint was written yet")
+        raise TrainingError(f"epoch {epoch + 1}: training loss is {train_loss}; stopped, {good}; "
+                            "lower --lr or set a --grad-clip")
+    return EpochStats(train_loss, train_acc, seconds, lr)
+
+
+def evaluate_and_checkpoint(run: Run, epoch: int, stats: EpochStats) -> float:
+    """Test accuracy after the epoch, its metrics row, best.pt/last.pt/metrics.csv; returns the accuracy."""
+    run.train_seconds += stats.seconds
+    t_eval = time.perf_counter()
+    sync_buffers(run.env, run.model, *([run.ema.module] if run.ema is not None else []))
+    result = evaluate(run.eval_model, run.test_loader, run.precision)
+    run.history.append({
+        "epoch": epoch + 1, "lr": stats.lr, "train_loss": round(stats.train_loss, 6),
+        "train_acc": round(stats.train_acc, 4), "test_loss": round(result.loss, 6),
+        "test_acc": round(result.accuracy, 4), "seconds": round(stats.seconds, 3),
+        "train_seconds_total": round(run.train_seconds, 3), "eval_seconds": round(time.perf_counter() - t_eval, 3)})
+    if not run.quiet:
+        print(f"\n{result.line()}\n")
+    if run.env.is_main:
+        state = run.checkpoint_state(epoch + 1)
+        try:
+            if result.accuracy > run.best_acc:
+                save_checkpoint(run.run_dir / "best.pt", state)
+                run.best_acc = result.accuracy
+            save_checkpoint(run.run_dir / "last.pt", state)
+            run.saved_epoch = epoch + 1
+            write_metrics_csv(run.run_dir / "metrics.csv", run.history)
+        except OSError as e:  # disk full, folder gone: the atomic writes left the old files whole
+            raise TrainingError(
+                f"epoch {epoch + 1}: cannot write to {run.run_dir} ({e.strerror or e}); the previous checkpoint "
+                f"{run.run_dir / 'last.pt'} (epoch {run.saved_epoch}) is intact; make room, then --resume") from None
+    return result.accuracy
+
+
+def finish(run: Run, stop_reason: str) -> RunResult:
+    """The summary (with TTA when asked), written by rank 0, and the closing lines."""
+    cfg, history = run.cfg, run.history
+    summary = build_summary(cfg, history, run.params, run.precision, run.device, run.env, stop_reason,
+                            run.steps_per_epoch * cfg.batch_size)
     if cfg.tta and history:
-        tta_result = evaluate(eval_model, test_loader, precision, tta="flip+translate")
+        tta_result = evaluate(run.eval_model, run.test_loader, run.precision, tta="flip+translate")
         summary["final_acc_tta"] = round(tta_result.accuracy, 4)
-    if env.is_main:
+    if run.env.is_main:
         try:
-            write_json(run_dir / "summary.json", summary)
+            write_json(run.run_dir / "summary.json", summary)
         except OSError as e:
-            raise TrainingError(f"cannot write {run_dir / 'summary.json'} ({e.strerror or e}); training finished "
-                                f"and {run_dir / 'last.pt'} (epoch {saved_epoch}) is intact; --resume writes the "
-                                "summary") from None
-    if not quiet:
+            raise TrainingError(f"cannot write {run.run_dir / 'summary.json'} ({e.strerror or e}); training finished "
+                                f"and {run.run_dir / 'last.pt'} (epoch {run.saved_epoch}) is intact; --resume writes "
+                                "the summary") from None
+    if not run.quiet:
         print(summary_line(summary))
-        print(f"run folder: {run_dir}")
-    return RunResult(run_dir, summary, history, env.is_main, eval_model)
+        print(f"run folder: {run.run_dir}")
+    return RunResult(run.run_dir, summary, history, run.env.is_main, run.eval_model)
 
 
 def check_resumed_source(recorded: ModelSource, current: ModelSource, allow_changed: bool, path: Path) -> None:

@@ -83,7 +83,7 @@ class TracedOp:
 
 
 _FRIENDLY = {"max_pool2d_with_indices": "max_pool2d", "addmm": "linear", "mm": "linear", "convolution": "conv2d",
-             "slice": "slicing", "mean": "mean over the map"}
+             "slice": "slicing", "mean": "global average"}
 
 
 @dataclass
