@@ -27,9 +27,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", required=True)
     ap.add_argument("--data", default=None)
+    ap.add_argument("--model", default=None, help="the network's code, for a checkpoint of your own network")
     ap.add_argument("--out", default="benchmarks/results/export_agreement.json")
     args = ap.parse_args()
-    model, state = load_inference_model(args.checkpoint)
+    model, state = load_inference_model(args.checkpoint, args.model)
     x = to_unit_float(run_split(state["config"], train=False, data=args.data).images)
     with torch.no_grad():
         reference = torch.cat([model(x[i : i + 1000]) for i in range(0, len(x), 1000)]).numpy()

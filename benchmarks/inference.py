@@ -91,13 +91,14 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=0, help="test images for --accuracy (0: all)")
     ap.add_argument("--data", default=None, help="CIFAR-10 folder (default: the run's own, else $CIFAR10_ROOT)")
     ap.add_argument("--calibration", type=int, default=512, help="int8 calibration images")
+    ap.add_argument("--model", default=None, help="the network's code, for a checkpoint of your own network")
     ap.add_argument("--out", default="benchmarks/inference", help="writes OUT.md and OUT.json")
     args = ap.parse_args()
 
     if args.threads:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
-    model, state = load_inference_model(args.checkpoint)
+    model, state = load_inference_model(args.checkpoint, args.model)
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         fp32_path, int8_path = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
