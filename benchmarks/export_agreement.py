@@ -19,8 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import command_line, machine_info  # noqa: E402
 
-from tinycifar.export import export_onnx, export_torchscript  # noqa: E402
-from tinycifar.inference import load_inference_model, run_split, to_unit_float  # noqa: E402
+from tinycifar.serving.export import export_onnx, export_torchscript  # noqa: E402
+from tinycifar.serving.inference import load_inference_model, run_split, to_unit_float  # noqa: E402
 
 
 def main() -> None:

@@ -2,7 +2,7 @@
 
 Images per second at each batch size for four engines running the same checkpoint:
 PyTorch eager fp32, PyTorch eager under bf16 autocast, ONNX Runtime fp32 and ONNX Runtime
-int8 (static QDQ, per-channel; see tinycifar.export). Inputs are float RGB 0..1 with the
+int8 (static QDQ, per-channel; see tinycifar.serving.export). Inputs are float RGB 0..1 with the
 normalization inside every model, as ``tinycifar predict`` and the exported files use them.
 Each cell is the median of ``--repeats`` timed windows of at least ``--seconds``, so a
 neighbour's burst of CPU use counts less; the load average at the start is recorded too.
@@ -35,8 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import command_line, machine_info, markdown_table  # noqa: E402
 
-from tinycifar.export import calibration_images, export_onnx, quantize_int8  # noqa: E402
-from tinycifar.inference import load_inference_model, run_split, to_unit_float  # noqa: E402
+from tinycifar.serving.export import calibration_images, export_onnx, quantize_int8  # noqa: E402
+from tinycifar.serving.inference import load_inference_model, run_split, to_unit_float  # noqa: E402
 
 Runner = Callable[[np.ndarray], np.ndarray]  # float32 NCHW 0..1 -> logits
 

@@ -12,11 +12,11 @@ import torch
 from PIL import Image
 from tiny_run import train_tiny_run
 
-from tinycifar import export
 from tinycifar.cli import main
 from tinycifar.data import synthetic_cifar10
-from tinycifar.inference import load_inference_model, run_split, to_unit_float
-from tinycifar.predict import load_image
+from tinycifar.serving import export
+from tinycifar.serving.inference import load_inference_model, run_split, to_unit_float
+from tinycifar.serving.predict import load_image
 
 
 @pytest.fixture(scope="module")

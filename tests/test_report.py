@@ -15,9 +15,9 @@ from torch import nn
 
 from tinycifar.cli import main
 from tinycifar.config import resolve_config
-from tinycifar.inference import run_split
 from tinycifar.models import MODEL_REGISTRY, create_model
 from tinycifar.report import find_gradcam_layer, grad_cam, upsample_cam, write_report
+from tinycifar.serving.inference import run_split
 from tinycifar.train import load_data
 
 FIGURES = ("curves.png", "misclassified.png", "confusion_matrix.png", "per_class_accuracy.png",

@@ -140,8 +140,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from .checkpoint import load_checkpoint, model_from_checkpoint
     from .evaluate import evaluate
-    from .inference import run_split
     from .loader import DeviceLoader
+    from .serving.inference import run_split
     from .train import resolve_device, resolve_precision
 
     state = load_checkpoint(args.checkpoint)
@@ -246,7 +246,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from .data import CLASSES
-    from .predict import run
+    from .serving.predict import run
 
     if not 1 <= args.top_k <= len(CLASSES):
         raise ConfigError(f"--top-k: expected 1 to {len(CLASSES)}, got {args.top_k}")
@@ -255,7 +255,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .export import export_checkpoint
+    from .serving.export import export_checkpoint
 
     fmt = "onnx-int8" if args.int8 else args.format
     if args.int8 and args.format != "onnx":

@@ -40,7 +40,7 @@ from torch import nn
 from .augment import AugmentConfig, augment
 from .checkpoint import CheckpointError, atomic_write_bytes
 from .data import CLASSES, Split
-from .inference import load_inference_model, run_split, to_unit_float
+from .serving.inference import load_inference_model, run_split, to_unit_float
 
 MIN_CAM_SIZE = 8
 GALLERY = 24  # misclassified images shown

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import ConfigError
+from ..config import ConfigError
 from .inference import NormalizedNet, load_inference_model, run_split, to_unit_float
 
 FORMATS = ("onnx", "onnx-int8", "torchscript")

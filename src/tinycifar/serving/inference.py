@@ -14,8 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import load_checkpoint, model_from_checkpoint
-from .data import Split, load_split, synthetic_cifar10
+from ..checkpoint import load_checkpoint, model_from_checkpoint
+from ..data import Split, load_split, synthetic_cifar10
 
 
 class NormalizedNet(nn.Module):

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from .data import CLASSES
+from ..data import CLASSES
 from .inference import load_inference_model
 
 MAX_PIXELS = 40_000_000
