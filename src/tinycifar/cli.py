@@ -1,4 +1,4 @@
-"""The ``tinycifar`` command line: train, check, eval, models, summary, download, report, predict, export.
+"""The ``tinycifar`` command line: train, check, eval, models, summary, download, report, predict, export, serve.
 
 Bad input (an option, a file, a dataset) ends with one line on stderr and exit code 2,
 never a traceback.
@@ -269,6 +269,23 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from .serving.server import serve
+    except ImportError as e:
+        raise ConfigError(f"serve needs the serve extra ({e.name} is missing): "
+                          "pip install 'tinycifar[serve]'") from None
+
+    if not 1 <= args.port <= 65535:
+        raise ConfigError(f"--port {args.port}: expected 1..65535")
+    if args.max_upload_mb <= 0:
+        raise ConfigError(f"--max-upload-mb {args.max_upload_mb}: expected a positive number")
+    serve(args.checkpoint, args.model, host=args.host, port=args.port, engine=args.engine, int8=args.int8,
+          data=args.data, allow_changed_source=args.allow_changed_source, max_upload_mb=args.max_upload_mb,
+          max_batch=args.max_batch, threads=args.threads)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     import os
 
@@ -349,6 +366,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration", type=positive_int, default=512, help="int8 calibration images (default: 512)")
     _add_checkpoint_model_options(p)
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("serve", help="a web page and a JSON API for trained networks")
+    p.add_argument("--checkpoint", required=True, action="append", type=Path,
+                   help="a checkpoint to serve; repeat it to offer several (the page switches between them)")
+    p.add_argument("--model", action="append", default=[], metavar="SPEC",
+                   help="the network file of a checkpoint of your own network (repeatable; matched by content)")
+    p.add_argument("--allow-changed-source", action="store_true",
+                   help="serve although a network's source file changed since training")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--engine", choices=("pytorch", "onnxruntime"), default="pytorch")
+    p.add_argument("--int8", action="store_true", help="with --engine onnxruntime: the int8 model of `export --int8`")
+    p.add_argument("--data", default=None, help="CIFAR-10 folder for the gallery and int8 calibration "
+                                                "(default: the run's own, else $CIFAR10_ROOT)")
+    p.add_argument("--max-upload-mb", type=float, default=8.0, help="largest request body (default: 8 MB)")
+    p.add_argument("--max-batch", type=positive_int, default=256, help="images per micro-batch (default: 256)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    p.set_defaults(func=cmd_serve)
     return parser
 
 
