@@ -11,6 +11,7 @@ With ``--accuracy`` the three fp32/int8 engines (and bf16) also classify the who
 and the report gives the int8 drop against fp32 and how often the two disagree.
 
     python benchmarks/inference.py --checkpoint runs/seed-ref/best.pt --accuracy
+    python benchmarks/inference.py --models all        # every registered network, speed only
 """
 
 from __future__ import annotations
@@ -35,8 +36,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import command_line, machine_info, markdown_table  # noqa: E402
 
-from tinycifar.serving.export import calibration_images, export_onnx, quantize_int8  # noqa: E402
-from tinycifar.serving.inference import load_inference_model, run_split, to_unit_float  # noqa: E402
+from tinycifar.models import MODEL_REGISTRY, create_model  # noqa: E402
+from tinycifar.serving.export import activation_type, calibration_images, export_onnx, quantize_int8  # noqa: E402
+from tinycifar.serving.inference import (  # noqa: E402
+    NormalizedNet,
+    load_inference_model,
+    run_split,
+    to_unit_float,
+)
 
 Runner = Callable[[np.ndarray], np.ndarray]  # float32 NCHW 0..1 -> logits
 
@@ -80,9 +87,51 @@ def predictions(run: Runner, images: torch.Tensor, batch: int = 500) -> np.ndarr
     return np.concatenate(preds)
 
 
+def engines(model: torch.nn.Module, calibration: np.ndarray, tmp: Path, threads: int,
+            activations: str = "auto") -> dict[str, Runner]:
+    """The four engines on one network: PyTorch fp32/bf16, and its ONNX export in fp32 and int8."""
+    fp32_path, int8_path = tmp / f"{id(model)}-fp32.onnx", tmp / f"{id(model)}-int8.onnx"
+    export_onnx(model, fp32_path)
+    quantize_int8(fp32_path, int8_path, calibration, activations=activations)
+    return {"pytorch-fp32": torch_runner(model, bf16=False), "pytorch-bf16": torch_runner(model, bf16=True),
+            "ort-fp32": ort_runner(fp32_path, threads), "ort-int8": ort_runner(int8_path, threads)}
+
+
+def speed_rows(label: str, runners: dict[str, Runner], args) -> list[dict]:
+    rows = []
+    for name, run in runners.items():
+        row = {"network": label, "engine": name}
+        for b in args.batch_sizes:
+            row[f"batch {b} (images/s)"] = round(images_per_second(run, b, args.seconds, args.repeats), 1)
+            print(f"{label} {name} batch {b}: {row[f'batch {b} (images/s)']:,.1f} images/s", flush=True)
+        rows.append(row)
+    fp32, int8 = rows[2], rows[3]
+    for b in args.batch_sizes:  # the question the int8 engine must answer: is it ever a slowdown?
+        key = f"batch {b} (images/s)"
+        int8[f"int8 / ort-fp32 at batch {b}"] = round(int8[key] / fp32[key], 2)
+    return rows
+
+
+def accuracy_rows(runners: dict[str, Runner], images: torch.Tensor, labels: torch.Tensor) -> list[dict]:
+    preds = {name: predictions(run, images) for name, run in runners.items()}
+    truth, reference = labels.numpy(), preds["pytorch-fp32"]
+    base = 100 * float((reference == truth).mean())
+    rows = []
+    for name, p in preds.items():
+        acc, differ = 100 * float((p == truth).mean()), 100 * float((p != reference).mean())
+        rows.append({"engine": name, "test accuracy (%)": round(acc, 2),
+                     "change vs pytorch-fp32 (points)": round(acc - base, 2),
+                     "predictions differing from pytorch-fp32 (%)": round(differ, 2)})
+        print(f"{name}: {acc:.2f}% on {len(truth):,} test images", flush=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", required=True, type=Path)
+    source = ap.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", type=Path, help="a trained checkpoint: speed, and accuracy with --accuracy")
+    source.add_argument("--models", nargs="+", metavar="NAME",
+                        help="registered networks with random weights, speed only ('all' for every one)")
     ap.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 256])
     ap.add_argument("--seconds", type=float, default=3.0, help="length of one timed window")
     ap.add_argument("--repeats", type=int, default=3, help="timed windows per cell; the median counts")
@@ -91,6 +140,8 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=0, help="test images for --accuracy (0: all)")
     ap.add_argument("--data", default=None, help="CIFAR-10 folder (default: the run's own, else $CIFAR10_ROOT)")
     ap.add_argument("--calibration", type=int, default=512, help="int8 calibration images")
+    ap.add_argument("--int8-activations", choices=("auto", "uint8", "int8"), default="auto",
+                    help="int8 model's activation type (auto: uint8 on x86-64, as `tinycifar export --int8`)")
     ap.add_argument("--model", default=None, help="the network's code, for a checkpoint of your own network")
     ap.add_argument("--out", default="benchmarks/inference", help="writes OUT.md and OUT.json")
     args = ap.parse_args()
@@ -98,54 +149,46 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
-    model, state = load_inference_model(args.checkpoint, args.model)
     load_before = os.getloadavg()[0]
+    speed, acc_rows, what = [], [], ""
     with tempfile.TemporaryDirectory() as tmp:
-        fp32_path, int8_path = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
-        export_onnx(model, fp32_path)
-        quantize_int8(fp32_path, int8_path, calibration_images(state["config"], args.calibration, args.data))
-        engines = {"pytorch-fp32": torch_runner(model, bf16=False), "pytorch-bf16": torch_runner(model, bf16=True),
-                   "ort-fp32": ort_runner(fp32_path, threads), "ort-int8": ort_runner(int8_path, threads)}
-        speed = []
-        for name, run in engines.items():
-            row = {"engine": name}
-            for b in args.batch_sizes:
-                row[f"batch {b} (images/s)"] = round(images_per_second(run, b, args.seconds, args.repeats), 1)
-                print(f"{name} batch {b}: {row[f'batch {b} (images/s)']:,.1f} images/s", flush=True)
-            speed.append(row)
-
-        acc_rows = []
-        if args.accuracy:
-            test = run_split(state["config"], train=False, data=args.data)
-            count = args.limit or len(test)
-            images, labels = test.images[:count], test.labels[:count]
-            preds = {name: predictions(run, images) for name, run in engines.items()}
-            truth, reference = labels.numpy(), preds["pytorch-fp32"]
-            base = 100 * float((reference == truth).mean())
-            for name, p in preds.items():
-                acc, differ = 100 * float((p == truth).mean()), 100 * float((p != reference).mean())
-                acc_rows.append({"engine": name, "test accuracy (%)": round(acc, 2),
-                                 "change vs pytorch-fp32 (points)": round(acc - base, 2),
-                                 "predictions differing from pytorch-fp32 (%)": round(differ, 2)})
-                print(f"{name}: {acc:.2f}% on {len(truth):,} test images", flush=True)
+        if args.checkpoint:
+            model, state = load_inference_model(args.checkpoint, args.model)
+            what = f"Checkpoint: `{args.checkpoint}` ({state['model']}, epoch {state.get('epoch')})"
+            runners = engines(model, calibration_images(state["config"], args.calibration, args.data), Path(tmp),
+                              threads, args.int8_activations)
+            speed = speed_rows(str(state["model"]), runners, args)
+            if args.accuracy:
+                test = run_split(state["config"], train=False, data=args.data)
+                count = args.limit or len(test)
+                acc_rows = accuracy_rows(runners, test.images[:count], test.labels[:count])
+        else:
+            names = sorted(MODEL_REGISTRY) if args.models == ["all"] else args.models
+            what = ("Networks with random weights (speed does not depend on them), int8 calibrated on "
+                    f"{args.calibration} random images")
+            calibration = np.random.default_rng(0).random((args.calibration, 3, 32, 32), dtype=np.float32)
+            for name in names:
+                torch.manual_seed(0)
+                model = NormalizedNet(create_model(name), [0.49, 0.48, 0.45], [0.25, 0.24, 0.26]).eval()
+                speed += speed_rows(name, engines(model, calibration, Path(tmp), threads, args.int8_activations), args)
 
     info = machine_info() | {"onnxruntime": ort.__version__, "onnx": onnx.__version__, "threads": threads,
+                             "int8 activations": str(activation_type(args.int8_activations)).rsplit(".", 1)[-1],
                              "load_average_1min_at_start": round(load_before, 2),
                              "load_average_1min_at_end": round(os.getloadavg()[0], 2)}
-    report = {"command": command_line(), "machine": info, "checkpoint": str(args.checkpoint),
-              "model": state["model"], "epoch": state.get("epoch"), "speed": speed, "accuracy": acc_rows}
+    report = {"command": command_line(), "machine": info, "checkpoint": str(args.checkpoint or ""),
+              "speed": speed, "accuracy": acc_rows}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    speed_cols = ["engine"] + [f"batch {b} (images/s)" for b in args.batch_sizes]
-    md = ["# Inference benchmark", "", f"Command: `{report['command']}`", "",
-          f"Checkpoint: `{args.checkpoint}` ({state['model']}, epoch {state.get('epoch')})", "",
+    speed_cols = list(dict.fromkeys(k for row in speed for k in row))
+    md = ["# Inference benchmark", "", f"Command: `{report['command']}`", "", what, "",
           "Machine:", "", *(f"- {k}: {v}" for k, v in info.items()), "",
           "## Images per second", "", markdown_table(speed, speed_cols), "",
           f"Median of {args.repeats} windows of at least {args.seconds:g} s, random 0..1 inputs. "
           "The load average shows whether other work shared the CPU."]
     if acc_rows:
-        md += ["", f"## Test accuracy ({len(labels):,} images)", "",
+        md += ["", f"## Test accuracy ({count:,} images)", "",
                markdown_table(acc_rows, list(acc_rows[0])), "",
                f"int8: ONNX Runtime static QDQ quantization, per-channel weights, calibrated on "
                f"{args.calibration} training images."]

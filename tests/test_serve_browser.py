@@ -18,7 +18,7 @@ from pathlib import Path
 
 import httpx2 as httpx
 import pytest
-from serve_helpers import png_bytes, tiny_run
+from serve_helpers import png_bytes, served_checkpoint
 
 from tinycifar.data import CLASSES
 
@@ -46,7 +46,7 @@ def _need_browser():
 def server(tmp_path_factory):
     _need_browser()
     root = tmp_path_factory.mktemp("browser")
-    a, b = tiny_run(root / "fast-a"), tiny_run(root / "slim-b", model="slimres50k", seed=1)
+    a, b = served_checkpoint(root / "fast-a"), served_checkpoint(root / "slim-b", model="slimres50k", seed=1)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

@@ -13,7 +13,7 @@ import httpx2 as httpx
 import pytest
 import torch
 from PIL import Image
-from serve_helpers import png_bytes, tiny_run
+from serve_helpers import png_bytes, served_checkpoint
 from test_predict import bilevel_png
 
 from tinycifar.serving.predict import predict_files
@@ -25,7 +25,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
-    return tiny_run(root / "fast-a"), tiny_run(root / "slim-b", model="slimres50k", seed=1)
+    return served_checkpoint(root / "fast-a"), served_checkpoint(root / "slim-b", model="slimres50k", seed=1)
 
 
 @pytest.fixture(scope="module")
@@ -117,6 +117,19 @@ def test_over_the_size_limit_is_413_by_header_and_while_streaming(served):
         response = small.post("/api/predict", content=chunks(), headers={"content-type": content_type})
         assert response.status_code == 413
         assert small.get("/healthz").status_code == 200  # and the server goes on
+
+
+def test_uploads_leave_nothing_on_disk(client, tmp_path, monkeypatch):
+    import tempfile
+
+    spool = tmp_path / "tmp"
+    spool.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(spool))
+    big = png_bytes(9, (900, 900))  # over the 1 MB that stays in memory
+    assert len(big) > 1_000_000
+    response = client.post("/api/predict", files=upload(("big.png", big), ("bad.png", b"x" * 1_200_000)))
+    assert response.status_code == 200 and len(response.json()["results"]) == 1
+    assert list(spool.iterdir()) == []
 
 
 def test_unknown_routes_methods_models_and_options(client):

@@ -52,6 +52,9 @@ class OnnxEngine:
                 quantize_int8(path, quantized, calibration_images(config, data=data))
                 path = quantized
             options = ort.SessionOptions()
+            # idle pool threads sleep instead of spinning: in a server they would take the cores the
+            # request handling needs (measured in benchmarks/README.md)
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
             if threads:
                 options.intra_op_num_threads = threads
             self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])

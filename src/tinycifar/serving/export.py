@@ -8,6 +8,13 @@ int8 is onnxruntime's static post-training quantization in QDQ form, per-channel
 weights, calibrated on a fixed random sample of the run's training images (min/max of
 each activation). The calibration images are the training split the checkpoint was
 trained on (synthetic runs regenerate theirs).
+
+Activations are uint8 on x86-64 and int8 elsewhere. x86's integer dot products (AVX-512
+VNNI's VPDPBUSD, AVX2's VPMADDUBSW) multiply unsigned by signed bytes, and ONNX Runtime's fast
+QLinearConv kernels are u8s8: with int8 activations it left half of fastnet's convolutions
+(the strided, dilated and depthwise ones) as fp32 convolutions between Dequantize and Quantize
+nodes, and the int8 model ran at half the speed of fp32 (benchmarks/README.md). ARM's dot
+products are s8s8, where int8 activations are the fast ones.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import platform
 import tempfile
 import warnings
 from pathlib import Path
@@ -81,8 +89,20 @@ def calibration_images(config: dict, count: int = 512, data: str | Path | None =
     return to_unit_float(split.images[idx]).numpy()
 
 
-def quantize_int8(fp32_path: str | Path, out: str | Path, images: np.ndarray, batch: int = 64) -> None:
-    """Static QDQ int8 quantization, per-channel weights, min/max calibration on ``images``."""
+def activation_type(activations: str = "auto"):
+    """uint8 activations on x86-64 (u8s8 kernels), int8 on ARM (s8s8): see the module docstring."""
+    from onnxruntime.quantization import QuantType
+
+    if activations == "auto":
+        x86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
+        activations = "uint8" if x86 else "int8"
+    return {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}[activations]
+
+
+def quantize_int8(fp32_path: str | Path, out: str | Path, images: np.ndarray, batch: int = 64,
+                  activations: str = "auto") -> None:
+    """Static QDQ quantization, int8 per-channel weights, min/max calibration on ``images``;
+    ``activations``: auto (by processor), uint8 or int8."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -97,7 +117,7 @@ def quantize_int8(fp32_path: str | Path, out: str | Path, images: np.ndarray, ba
         prepared = Path(tmp) / "prepared.onnx"
         quant_pre_process(str(fp32_path), str(prepared))
         quantize_static(str(prepared), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
+                        activation_type=activation_type(activations), weight_type=QuantType.QInt8)
 
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path, fmt: str = "onnx", data: str | Path | None = None,

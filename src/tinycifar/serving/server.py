@@ -12,7 +12,8 @@ The API, described at ``/openapi.json``:
   "gradcam_png"?}], "errors": [{"filename", "error"}]}``. Images go through the same
   preprocessing as ``tinycifar predict`` (``predict.load_image``). A file that is no usable image
   is listed in ``errors`` and the others are still answered; when none is usable: 400. A request
-  larger than ``max_upload_mb``: 413. Uploads are read into memory, never written to disk.
+  larger than ``max_upload_mb``: 413. Uploads stay in memory (Starlette spools a part over 1 MB
+  to an anonymous temporary file, gone when the request ends); nothing else touches the disk.
 - ``POST /api/predict-test?index=``: the same for one CIFAR-10 test image (``true_label`` added).
 - ``GET /api/models``, ``GET /api/model?model=`` (the model card), ``GET /api/gallery``,
   ``GET /healthz``.
