@@ -2,13 +2,14 @@
 #   make train   - trains the default network (downloads CIFAR-10 into ./data unless $CIFAR10_ROOT is set)
 #   make test    - lint and the whole test suite
 # Each creates the virtual environment it needs on first use.
+#   make serve   - then: the web page and API for the newest run (or ARGS="--checkpoint runs/X/best.pt")
 
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 ARGS   ?=
 
-.PHONY: train test lint clean
+.PHONY: train test lint serve clean
 
 $(BIN)/tinycifar: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +23,15 @@ $(VENV)/.dev: $(BIN)/tinycifar
 
 train: $(BIN)/tinycifar
 	$(BIN)/tinycifar train --preset fast $(ARGS)
+
+$(VENV)/.serve: $(BIN)/tinycifar
+	$(BIN)/pip install -q -e ".[serve]"
+	touch $@
+
+NEWEST := $(shell ls -t runs/*/best.pt 2>/dev/null | head -n 1)
+serve: $(VENV)/.serve
+	@test -n "$(ARGS)$(NEWEST)" || { echo "make serve: no runs/*/best.pt yet: run make train first, or pass ARGS=\"--checkpoint FILE\""; exit 2; }
+	$(BIN)/tinycifar serve $(if $(ARGS),$(ARGS),--checkpoint $(NEWEST))
 
 lint: $(VENV)/.dev
 	$(BIN)/ruff check src tests benchmarks examples
