@@ -206,3 +206,24 @@ def test_onnxruntime_engine_agrees_with_pytorch(checkpoints, int8):
     else:
         assert agree == 1.0 and torch.allclose(a, b, atol=1e-4)
     assert json.dumps(onnx.card)  # the card is plain JSON
+
+
+def test_a_user_network_is_matched_to_its_file_by_content(tmp_path):
+    from tiny_run import train_tiny_run
+
+    from tinycifar.checkpoint import CheckpointError
+
+    source = ("from torch import nn\n"
+              "def Net():\n"
+              "    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),\n"
+              "                         nn.Flatten(), nn.Linear(8, 10))\n")
+    real, decoy = tmp_path / "real.py", tmp_path / "decoy.py"
+    real.write_text(source)
+    decoy.write_text(source + "# the same network, other bytes\n")
+    run = train_tiny_run(tmp_path / "run", model=f"{real}:Net", whiten_stem=False, low_res=0)
+    served = load_served_model(run / "best.pt", [f"{decoy}:Net", f"{real}:Net"])
+    assert served.card["network"] == f"{real}:Net" and served.card["params"] == 3 * 8 * 9 + 8 + 8 * 10 + 10
+    with pytest.raises(CheckpointError, match="differs from the one it was trained with"):
+        load_served_model(run / "best.pt", [f"{decoy}:Net"])
+    with pytest.raises(CheckpointError, match="pass --model"):
+        load_served_model(run / "best.pt", [])

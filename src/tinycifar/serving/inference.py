@@ -38,8 +38,14 @@ def load_inference_model(path: str | Path, model: str | nn.Module | None = None,
     ``model`` names the network's code when it is the user's own (see ``model_from_checkpoint``).
     """
     state = load_checkpoint(path)
-    model = model_from_checkpoint(state, path, model, allow_changed_source)
-    return NormalizedNet(model, state["mean"], state["std"]).eval(), state
+    return inference_model(state, path, model, allow_changed_source), state
+
+
+def inference_model(state: dict[str, Any], path: str | Path, model: str | nn.Module | None = None,
+                    allow_changed_source: bool = False) -> NormalizedNet:
+    """A loaded checkpoint's network wrapped with its normalization, in eval mode."""
+    network = model_from_checkpoint(state, path, model, allow_changed_source)
+    return NormalizedNet(network, state["mean"], state["std"]).eval()
 
 
 def run_split(config: dict[str, Any], train: bool, data: str | Path | None = None) -> Split:

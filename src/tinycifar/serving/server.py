@@ -39,11 +39,11 @@ from PIL import Image
 from ..checkpoint import CheckpointError, load_checkpoint, recorded_source
 from ..config import ConfigError
 from ..data import CLASSES, Split
-from ..models.registry import ModelError, resolve
+from ..models.registry import ModelError, parse_spec, resolve, sha256_of
 from ..models.summary import model_summary
 from ..report import find_gradcam_layer, grad_cam, read_history, upsample_cam
 from .engines import MicroBatcher, OnnxEngine, TorchEngine
-from .inference import NormalizedNet, load_inference_model, run_split, to_unit_float
+from .inference import NormalizedNet, inference_model, run_split, to_unit_float
 from .predict import ImageLoadError, load_image
 
 STATIC = Path(__file__).with_name("static")
@@ -66,17 +66,19 @@ class ServedModel:
 # ---------------------------------------------------------------------------- loading
 
 
-def spec_for(checkpoint: Path, specs: list[str]) -> str | None:
+def spec_for(state: dict[str, Any], specs: list[str]) -> str | None:
     """Which of the named network files belongs to this checkpoint: the one whose sha256 matches.
 
     None for a registered network; the only spec when one was named (a mismatch is then refused
-    by ``model_from_checkpoint`` with its own message).
+    by ``model_from_checkpoint`` with its own message). Files are hashed, not imported.
     """
-    recorded = recorded_source(load_checkpoint(checkpoint))
+    recorded = recorded_source(state)
     if not recorded.is_user_code or not specs:
         return None
     for spec in specs:
-        if resolve(spec)[1].sha256 == recorded.sha256:
+        kind, target, _ = parse_spec(spec)
+        is_file = kind == "file" and Path(target).is_file()
+        if (sha256_of(target) if is_file else resolve(spec)[1].sha256) == recorded.sha256:
             return spec
     return specs[0] if len(specs) == 1 else None
 
@@ -112,7 +114,8 @@ def load_served_model(checkpoint: str | Path, specs: list[str], engine: str = "p
     """A checkpoint ready to serve: its engine, Grad-CAM layer, model card, and (when the test set
     can be read) its predictions on every test image for the gallery and the mistakes view."""
     checkpoint = Path(checkpoint)
-    model, state = load_inference_model(checkpoint, spec_for(checkpoint, specs), allow_changed_source)
+    state = load_checkpoint(checkpoint)
+    model = inference_model(state, checkpoint, spec_for(state, specs), allow_changed_source)
     config = dict(state.get("config", {}))
     if engine == "onnxruntime":
         runner = OnnxEngine(model, config, int8=int8, data=data, threads=threads)
