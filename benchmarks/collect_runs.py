@@ -18,25 +18,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import command_line, machine_info, markdown_table  # noqa: E402
 from time_to_accuracy import median_of  # noqa: E402
 
-from tinycifar.report import read_history  # noqa: E402
+from tinycifar import compare  # noqa: E402
 
 COLUMNS = ["run", "model", "params", "seed", "epochs", "batch", "threads", "final_acc", "final_acc_tta", "best_acc",
            "train_minutes", "eval_minutes", "images_per_second"]
 
 
 def read_run(run_dir: Path) -> dict:
+    """One finished run's row, from what tinycifar.compare reads out of its folder."""
     try:
-        summary = json.loads((run_dir / "summary.json").read_text())
-        config = json.loads((run_dir / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise SystemExit(f"{run_dir}: not a finished run folder ({e})") from None
-    eval_seconds = sum(row.get("eval_seconds", 0.0) for row in read_history(run_dir, {}))
+        info = compare.read_run(run_dir)
+    except compare.NotARun as e:
+        raise SystemExit(str(e)) from None
+    if info.status != "finished":
+        raise SystemExit(f"{run_dir}: not a finished run folder (no summary.json)")
     return {
-        "run": str(run_dir), "model": summary["model"], "params": summary["params"], "seed": config.get("seed"),
-        "epochs": summary["epochs_run"], "batch": config.get("batch_size"), "threads": config.get("threads"),
-        "final_acc": summary["final_acc"], "final_acc_tta": summary.get("final_acc_tta"),
-        "best_acc": summary["best_acc"], "train_minutes": round(summary["train_seconds"] / 60, 1),
-        "eval_minutes": round(eval_seconds / 60, 1), "images_per_second": summary["images_per_second"],
+        "run": info.run, "model": info.network, "params": info.params, "seed": info.seed,
+        "epochs": len(info.history), "batch": info.batch_size, "threads": info.threads, "final_acc": info.final_acc,
+        "final_acc_tta": info.final_acc_tta, "best_acc": info.best_acc,
+        "train_minutes": round(info.train_seconds / 60, 1), "eval_minutes": round(info.eval_seconds / 60, 1),
+        "images_per_second": info.images_per_second,
     }
 
 

@@ -1,4 +1,5 @@
-"""The ``tinycifar`` command line: train, check, eval, models, summary, download, report, predict, export, serve.
+"""The ``tinycifar`` command line: train, check, eval, models, summary, download, report, compare, predict,
+export, serve.
 
 Bad input (an option, a file, a dataset) ends with one line on stderr and exit code 2,
 never a traceback.
@@ -269,6 +270,27 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .compare import format_table, read_runs, write_comparison
+
+    def skip(message: str) -> None:
+        print(f"tinycifar compare: {message}; skipped", file=sys.stderr)
+
+    runs = read_runs(args.run_dirs, on_skip=skip)
+    if not runs:
+        raise ConfigError("none of the folders holds a run (config.json or metrics.csv)")
+    try:
+        page = write_comparison(runs, args.out)
+    except OSError as e:
+        raise ConfigError(f"--out {args.out}: cannot write ({e.strerror or e})") from None
+    if args.json:
+        print(json.dumps([r.row() for r in runs], indent=2))
+    else:
+        print(format_table(runs))
+        print(f"curves and table: {page}")
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
         from .serving.server import serve
@@ -366,6 +388,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration", type=positive_int, default=512, help="int8 calibration images (default: 512)")
     _add_checkpoint_model_options(p)
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("compare", help="runs side by side: one table and overlaid curves")
+    p.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR")
+    p.add_argument("--out", type=Path, default=Path("runs/compare"),
+                   help="folder for curves.png and compare.html (default: runs/compare)")
+    p.add_argument("--json", action="store_true", help="print the table as JSON")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("serve", help="a web page and a JSON API for trained networks")
     p.add_argument("--checkpoint", required=True, action="append", type=Path,

@@ -354,7 +354,7 @@ def plot_gradcam(images: torch.Tensor, labels: torch.Tensor, preds: torch.Tensor
 # ---------------------------------------------------------------------------- HTML
 
 
-def _table(rows: list[list[Any]], header: list[str] | None = None) -> str:
+def html_table(rows: list[list[Any]], header: list[str] | None = None) -> str:
     def cell(v: Any, tag: str) -> str:
         text = f"{v:,.4g}" if isinstance(v, float) else str(v)
         return f"<{tag}>{html.escape(text)}</{tag}>"
@@ -391,7 +391,7 @@ def render_html(title: str, facts: list[list[Any]], figures: list[tuple[str, str
     parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
              f"<style>{PAGE_CSS}</style></head><body><h1>{html.escape(title)}</h1>",
              f"<p class='note'>Written by tinycifar report on {time.strftime('%Y-%m-%d %H:%M')}. "
-             "Self-contained: every image is embedded.</p>", "<h2>Summary</h2>", _table(facts)]
+             "Self-contained: every image is embedded.</p>", "<h2>Summary</h2>", html_table(facts)]
     for heading, caption, png in figures:
         data = base64.b64encode(png).decode()
         parts.append(f"<h2>{html.escape(heading)}</h2><p>{caption}</p>"
@@ -399,8 +399,8 @@ def render_html(title: str, facts: list[list[Any]], figures: list[tuple[str, str
     if history:
         keys = list(history[0])
         rows = [[int(h[k]) if k == "epoch" else h[k] for k in keys] for h in history]
-        parts += ["<h2>Metrics per epoch</h2><div class='scroll'>", _table(rows, keys), "</div>"]
-    parts += ["<h2>Configuration</h2>", _table(_flatten(config), ["option", "value"]), "</body></html>"]
+        parts += ["<h2>Metrics per epoch</h2><div class='scroll'>", html_table(rows, keys), "</div>"]
+    parts += ["<h2>Configuration</h2>", html_table(_flatten(config), ["option", "value"]), "</body></html>"]
     return "\n".join(parts)
 
 
