@@ -1,5 +1,5 @@
-"""The ``tinycifar`` command line: train, check, eval, models, summary, download, report, compare, predict,
-export, serve.
+"""The ``tinycifar`` command line: train, lr-find, check, eval, models, summary, download, report, compare,
+predict, export, serve.
 
 Bad input (an option, a file, a dataset) ends with one line on stderr and exit code 2,
 never a traceback.
@@ -40,6 +40,15 @@ def positive_int(text: str) -> int:
     return value
 
 
+def learning_rate(text: str) -> float | str:
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or auto, got {text!r}") from None
+
+
 def _add_train_options(p: argparse.ArgumentParser) -> None:
     """Options that map one-to-one onto TrainConfig fields; unset ones keep the preset's value."""
     p.add_argument("--preset", default="fast", help=f"one of {', '.join(PRESETS)} (default: fast)")
@@ -53,7 +62,7 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
         ("--dataset", str, "cifar10 or synthetic"),
         ("--epochs", int, "training epochs"),
         ("--batch-size", int, "global batch size (split across processes)"),
-        ("--lr", float, "peak learning rate"),
+        ("--lr", learning_rate, "peak learning rate, or auto: the range test's suggestion (see lr-find)"),
         ("--optimizer", str, "sgd, adam or adamw"),
         ("--schedule", str, "onecycle, cosine, step or constant"),
         ("--warmup-epochs", float, "linear warm-up length"),
@@ -104,7 +113,7 @@ def _model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return parse_assignments([f"model_kwargs.{text}" for text in args.model_arg]).get("model_kwargs", {})
 
 
-_NOT_CONFIG = {"command", "preset", "config", "set", "aug_policy", "func", "model_arg"}
+_NOT_CONFIG = {"command", "preset", "config", "set", "aug_policy", "func", "model_arg", "start_lr", "end_lr", "steps"}
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -121,13 +130,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .train import resume_config, train
 
     overrides = _overrides(args)
+    auto_lr = overrides.get("lr") == "auto"
+    if auto_lr and args.resume:
+        raise ConfigError("--lr auto: a resumed run keeps the learning rate it started with")
     if args.resume:
         if not args.out:
             raise ConfigError("--resume: needs --out RUN_DIR, the run to continue")
         cfg = resume_config(Path(args.out), overrides)
     else:
         file_values = load_config_file(args.config) if args.config else None
-        cfg = resolve_config(args.preset, file_values, overrides)
+        cfg = resolve_config(args.preset, file_values, {k: v for k, v in overrides.items() if k != "lr" or not auto_lr})
+    if auto_lr:
+        cfg = _with_range_test_lr(cfg)
     result = train(cfg)
     if cfg.report and result.is_main:
         from .report import write_report
@@ -135,6 +149,45 @@ def cmd_train(args: argparse.Namespace) -> int:
         page = write_report(result.run_dir, model=cfg.model, allow_changed_source=cfg.allow_changed_source)
         if not cfg.quiet:
             print(f"report: {page}")
+    return 0
+
+
+def _with_range_test_lr(cfg):
+    """``train --lr auto``: the recipe with the range test's suggested peak lr, the test recorded."""
+    import os
+
+    from .lr_find import lr_find
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("--lr auto: not under torchrun; run `tinycifar lr-find` once and pass its --lr")
+    result = lr_find(cfg)
+    if not cfg.quiet:
+        print(f"tinycifar: learning-rate range test: peak lr {result.suggestion:.4g} ({result.rule}), "
+              f"instead of the preset's {cfg.lr:g}")
+    cfg.lr_range_test = {**result.summary(), "preset_lr": cfg.lr}
+    cfg.lr = result.suggestion
+    return cfg
+
+
+def cmd_lr_find(args: argparse.Namespace) -> int:
+    from .lr_find import check_range, default_out, lr_find, write
+
+    check_range(args.start_lr, args.end_lr, args.steps)
+    overrides = _overrides(args)
+    if overrides.get("lr") == "auto":
+        raise ConfigError("--lr auto: lr-find is what finds it; give a number to mark on the plot, or none")
+    file_values = load_config_file(args.config) if args.config else None
+    cfg = resolve_config(args.preset, file_values, overrides)
+    result = lr_find(cfg, start_lr=args.start_lr, end_lr=args.end_lr, steps=args.steps)
+    out = Path(args.out) if args.out else default_out(cfg)
+    try:
+        csv_path, png_path = write(result, out, preset_lr=cfg.lr)
+    except OSError as e:
+        raise ConfigError(f"--out {out}: cannot write ({e.strerror or e})") from None
+    ended = "the loss diverged" if result.diverged else "the last step"
+    print(f"{len(result.lrs)} steps from {args.start_lr:g} to {result.lrs[-1]:.3g} ({ended})")
+    print(f"suggested peak lr: {result.suggestion:.4g} ({result.rule}); the {cfg.preset} preset uses {cfg.lr:g}")
+    print(f"plot: {png_path}\ncsv: {csv_path}")
     return 0
 
 
@@ -320,6 +373,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a network")
     _add_train_options(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("lr-find", help="learning-rate range test: loss against an exponentially growing lr")
+    _add_train_options(p)
+    p.add_argument("--start-lr", type=float, default=1e-5, help="first learning rate (default: 1e-5)")
+    p.add_argument("--end-lr", type=float, default=10.0, help="last learning rate (default: 10)")
+    p.add_argument("--steps", type=int, default=100, help="training steps (default: 100)")
+    p.set_defaults(func=cmd_lr_find, out=None)
 
     p = sub.add_parser("eval", help="evaluate a checkpoint on the test set")
     p.add_argument("--checkpoint", required=True, type=Path)

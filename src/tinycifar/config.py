@@ -73,6 +73,7 @@ class TrainConfig:
     target_acc: float = 0.0  # stop at the first epoch reaching it (0 = run all epochs)
     target_for_summary: float = 85.0  # 'epoch_reached_target' in the summary
     tta: bool = False  # report final accuracy with flip+translate test-time augmentation
+    lr_range_test: dict[str, Any] = field(default_factory=dict)  # what `--lr auto` found (lr_find.py)
     resume: bool = False
     quiet: bool = False
     report: bool = False
