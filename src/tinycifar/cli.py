@@ -83,6 +83,7 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     flags = [("--resume", "resume", True, "continue the run in --out from its last.pt"),
              ("--quiet", "quiet", True, "no progress output"),
              ("--report", "report", True, "write the HTML report at the end"),
+             ("--tensorboard", "tensorboard", True, "write TensorBoard event files into RUN/tensorboard"),
              ("--tta", "tta", True, "also report final accuracy with test-time augmentation"),
              ("--compile", "compile", True, "torch.compile the model"),
              ("--no-channels-last", "channels_last", False, "keep NCHW memory format"),

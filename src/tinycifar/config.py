@@ -75,6 +75,7 @@ class TrainConfig:
     tta: bool = False  # report final accuracy with flip+translate test-time augmentation
     lr_range_test: dict[str, Any] = field(default_factory=dict)  # what `--lr auto` found (lr_find.py)
     resume: bool = False
+    tensorboard: bool = False  # event files in RUN/tensorboard (the tensorboard extra)
     quiet: bool = False
     report: bool = False
 

@@ -371,6 +371,7 @@ class Run:
     train_seconds: float = 0.0
     best_acc: float = -1.0
     saved_epoch: int = 0  # epoch of the newest last.pt on disk
+    log: Any = None  # TensorBoardLog when --tensorboard (rank 0)
 
     @property
     def quiet(self) -> bool:
@@ -444,6 +445,10 @@ def setup(cfg: TrainConfig, env: DistEnv, data: tuple[Split, Split] | None = Non
     if len(train_loader) == 0:
         raise ConfigError(f"--batch-size {cfg.batch_size}: larger than the {len(train_split)} training images")
 
+    if cfg.tensorboard and env.is_main:
+        from .tensorboard_log import writer_class
+
+        writer_class()  # a missing extra is said before a run folder exists
     # Rank 0 checks and creates the run folder; every rank gets its path (the default one is
     # timestamped) and reads the resume checkpoint from it before rank 0 can overwrite it
     # (that happens only after the collectives of a whole epoch).
@@ -459,6 +464,10 @@ def setup(cfg: TrainConfig, env: DistEnv, data: tuple[Split, Split] | None = Non
               nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing), train_loader, test_loader, mean, std)
     resumed = cfg.resume and restore(run, load_checkpoint(run_dir / "last.pt"))
     announce(run, len(train_split), len(test_split), resumed)
+    if cfg.tensorboard and env.is_main:
+        from .tensorboard_log import TensorBoardLog
+
+        run.log = TensorBoardLog(run_dir, cfg, train_split, mean, std)
     return run
 
 
@@ -532,6 +541,8 @@ def train_one_epoch(run: Run, epoch: int) -> EpochStats:
         run.optimizer.step()
         if run.ema is not None:
             run.ema.update_parameters(run.model)
+        if run.log is not None:
+            run.log.step(epoch * steps + i, loss.item(), lr)
         loss_sum += loss.detach() * len(y)
         correct += (logits.argmax(1) == y).sum()
         seen += len(y)
@@ -567,6 +578,8 @@ def evaluate_and_checkpoint(run: Run, epoch: int, stats: EpochStats) -> float:
         "train_seconds_total": round(run.train_seconds, 3), "eval_seconds": round(time.perf_counter() - t_eval, 3)})
     if not run.quiet:
         print(f"\n{result.line()}\n")
+    if run.log is not None:
+        run.log.epoch(run.history[-1], result.confusion)
     if run.env.is_main:
         state = run.checkpoint_state(epoch + 1)
         try:
@@ -598,6 +611,8 @@ def finish(run: Run, stop_reason: str) -> RunResult:
             raise TrainingError(f"cannot write {run.run_dir / 'summary.json'} ({e.strerror or e}); training finished "
                                 f"and {run.run_dir / 'last.pt'} (epoch {run.saved_epoch}) is intact; --resume writes "
                                 "the summary") from None
+    if run.log is not None:
+        run.log.close()
     if not run.quiet:
         print(summary_line(summary))
         print(f"run folder: {run.run_dir}")
@@ -657,7 +672,8 @@ def resume_config(run_dir: Path, overrides: dict[str, Any]) -> TrainConfig:
         raise ConfigError(f"--resume: {user_code_refusal(run_dir / 'last.pt', recorded)}")
     saved = dict(state["config"])
     cfg = apply_overrides(TrainConfig(), saved, f"{run_dir / 'last.pt'}")
-    allowed = {"quiet", "report", "device", "threads", "resume", "out", "data", "download", "allow_changed_source"}
+    allowed = {"quiet", "report", "device", "threads", "resume", "out", "data", "download", "allow_changed_source",
+               "tensorboard"}
     # Compare merged configs, not raw options: `--aug X` names one field of the saved table.
     merged = apply_overrides(cfg, overrides, "command line")
     before, after = cfg.to_dict(), merged.to_dict()
