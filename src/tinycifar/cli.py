@@ -1,5 +1,5 @@
-"""The ``tinycifar`` command line: train, lr-find, check, eval, models, summary, download, report, compare,
-predict, export, serve.
+"""The ``tinycifar`` command line: train, lr-find, sweep, check, eval, models, summary, download, report,
+compare, predict, export, serve.
 
 Bad input (an option, a file, a dataset) ends with one line on stderr and exit code 2,
 never a traceback.
@@ -345,6 +345,27 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    try:
+        from .sweep import load_sweep, results_rows, run_sweep, write_results
+    except ImportError as e:
+        raise ConfigError(f"sweep needs the sweep extra ({e.name} is missing): "
+                          "pip install 'tinycifar[sweep]'") from None
+    spec = load_sweep(args.file)
+    if args.trials is not None and args.trials < 1:
+        raise ConfigError(f"--trials {args.trials}: expected a positive integer")
+    out = Path(args.out) if args.out else Path("runs") / f"sweep-{spec.name}"
+    extra = parse_assignments(args.set)
+    if args.data:
+        extra["data"] = args.data
+    study = run_sweep(spec, out, args.storage, args.trials, extra)
+    page = write_results(study, spec, out)
+    rows = results_rows(study, spec)
+    print(page.read_text())
+    print(f"{len(rows)} trials in {out} (plots: {out / 'results.png'})")
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
         from .serving.server import serve
@@ -456,6 +477,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder for curves.png and compare.html (default: runs/compare)")
     p.add_argument("--json", action="store_true", help="print the table as JSON")
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("sweep", help="hyperparameter search over config values (Optuna), from a TOML file")
+    p.add_argument("file", type=Path, metavar="SWEEP.toml")
+    p.add_argument("--out", default=None, help="sweep folder (default: runs/sweep-<file name>)")
+    p.add_argument("--storage", default=None,
+                   help="Optuna storage URL shared by workers, e.g. postgresql://user@host/db "
+                        "(default: SQLite in the sweep folder)")
+    p.add_argument("--trials", type=int, default=None, help="finished trials to reach (default: the file's)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a config value for every trial, over the file's")
+    p.add_argument("--data", default=None, help="CIFAR-10 folder (default: $CIFAR10_ROOT or ./data)")
+    p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("serve", help="a web page and a JSON API for trained networks")
     p.add_argument("--checkpoint", required=True, action="append", type=Path,

@@ -331,12 +331,17 @@ def build_network(cfg: TrainConfig, model: nn.Module | None = None) -> tuple[nn.
     return network, source
 
 
-def train(cfg: TrainConfig, data: tuple[Split, Split] | None = None, model: nn.Module | None = None) -> RunResult:
-    """Train as ``cfg`` says (the network ``model`` in place, when given); returns the run folder and summary."""
+def train(cfg: TrainConfig, data: tuple[Split, Split] | None = None, model: nn.Module | None = None,
+          on_epoch: Callable[[int, float], None] | None = None) -> RunResult:
+    """Train as ``cfg`` says (the network ``model`` in place, when given); returns the run folder and summary.
+
+    ``on_epoch(epoch, test_accuracy)`` is called after each epoch's checkpoint (a sweep reports to
+    its pruner there, and may stop the run by raising).
+    """
     env = init_distributed(cfg.device)
     threads = torch.get_num_threads()
     try:
-        result = _train(cfg, env, data, model)
+        result = _train(cfg, env, data, model, on_epoch)
         if env.owns_group:
             dist.barrier()  # no rank tears the group down while another still writes or reduces
         return result
@@ -402,12 +407,15 @@ class Run:
         }
 
 
-def _train(cfg: TrainConfig, env: DistEnv, data: tuple[Split, Split] | None, model: nn.Module | None) -> RunResult:
+def _train(cfg: TrainConfig, env: DistEnv, data: tuple[Split, Split] | None, model: nn.Module | None,
+           on_epoch: Callable[[int, float], None] | None = None) -> RunResult:
     run = setup(cfg, env, data, model)
     stop_reason = ""
     for epoch in range(run.start_epoch, cfg.epochs):
         stats = train_one_epoch(run, epoch)
         accuracy = evaluate_and_checkpoint(run, epoch, stats)
+        if on_epoch is not None:
+            on_epoch(epoch + 1, accuracy)
         if cfg.target_acc and accuracy >= cfg.target_acc:
             stop_reason = f"reached --target-acc {cfg.target_acc}% at epoch {epoch + 1}"
             break
