@@ -345,34 +345,36 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_sweep(args: argparse.Namespace) -> int:
+def _from_extra(extra: str, module: str):
+    """A module of an optional extra; a missing package is one line saying what to install."""
+    import importlib
+
     try:
-        from .sweep import load_sweep, results_rows, run_sweep, write_results
+        return importlib.import_module(module, __package__)
     except ImportError as e:
-        raise ConfigError(f"sweep needs the sweep extra ({e.name} is missing): "
-                          "pip install 'tinycifar[sweep]'") from None
-    spec = load_sweep(args.file)
+        raise ConfigError(f"{extra} needs the {extra} extra ({e.name} is missing): "
+                          f"pip install 'tinycifar[{extra}]'") from None
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    sweep = _from_extra("sweep", ".sweep")
+    spec = sweep.load_sweep(args.file)
     if args.trials is not None and args.trials < 1:
         raise ConfigError(f"--trials {args.trials}: expected a positive integer")
     out = Path(args.out) if args.out else Path("runs") / f"sweep-{spec.name}"
     extra = parse_assignments(args.set)
     if args.data:
         extra["data"] = args.data
-    study = run_sweep(spec, out, args.storage, args.trials, extra)
-    page = write_results(study, spec, out)
-    rows = results_rows(study, spec)
+    study = sweep.run_sweep(spec, out, args.storage, args.trials, extra)
+    page = sweep.write_results(study, spec, out)
+    rows = sweep.results_rows(study, spec)
     print(page.read_text())
     print(f"{len(rows)} trials in {out} (plots: {out / 'results.png'})")
     return 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    try:
-        from .serving.server import serve
-    except ImportError as e:
-        raise ConfigError(f"serve needs the serve extra ({e.name} is missing): "
-                          "pip install 'tinycifar[serve]'") from None
-
+    serve = _from_extra("serve", ".serving.server").serve
     if not 1 <= args.port <= 65535:
         raise ConfigError(f"--port {args.port}: expected 1..65535")
     if args.max_upload_mb <= 0:

@@ -21,11 +21,11 @@ The file names the recipe, the number of trials, fixed values and the search spa
     choices = [0, 8, 12]
 
 Sampling is TPE, and poor trials are pruned from their per-epoch test accuracy (median rule,
-after a few complete trials). Every trial is an ordinary run folder (``OUT/trial-0007``). The
-study lives in a database, SQLite in the sweep folder by default, so a stopped sweep resumes
-where it was, and ``--storage postgresql://...`` lets workers on several machines share one
-study: start the same command on each. Results: ``results.md``/``results.csv`` and plots of the
-objective per trial and against each parameter.
+after three complete trials, in the second half of a trial's epochs). Every trial is an
+ordinary run folder (``OUT/trial-0007``). The study lives in a database, SQLite in the sweep
+folder by default, so a stopped sweep resumes where it was, and ``--storage postgresql://...``
+lets workers on several machines share one study: start the same command on each. Results:
+``results.md``/``results.csv`` and plots of the objective per trial and against each parameter.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ from typing import Any
 import matplotlib
 import optuna  # the sweep extra
 from matplotlib.figure import Figure
+from matplotlib.ticker import NullFormatter
 from optuna.trial import TrialState
 
 from .checkpoint import atomic_write_bytes
@@ -180,6 +181,14 @@ def storage_for(url: str | None, out: Path):
     raise AssertionError("unreachable")
 
 
+def median_pruner(spec: SweepSpec):
+    """Stop a trial whose accuracy falls below the median of earlier trials at the same epoch, but
+    only in the second half of its epochs: early accuracy under a one-cycle schedule says more about
+    where the lr ramp is than about where the run ends."""
+    epochs = resolve_config(spec.preset, None, spec.fixed).epochs
+    return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=max(1, epochs // 2))
+
+
 def run_sweep(spec: SweepSpec, out: str | Path, storage: str | None = None, trials: int | None = None,
               extra: dict[str, Any] | None = None, data=None, pruner=None):
     """Run trials until the study holds ``trials`` finished ones (shared with any other workers)."""
@@ -191,7 +200,7 @@ def run_sweep(spec: SweepSpec, out: str | Path, storage: str | None = None, tria
     study = optuna.create_study(
         study_name=spec.name, storage=storage_for(storage, out), direction="maximize", load_if_exists=True,
         sampler=optuna.samplers.TPESampler(seed=spec.seed, n_startup_trials=4),
-        pruner=pruner or optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1))
+        pruner=pruner or median_pruner(spec))
     total = trials or spec.trials
 
     def objective(trial) -> float:
@@ -233,7 +242,7 @@ def results_rows(study, spec: SweepSpec) -> list[dict[str, Any]]:
 
 def plot_study(study, spec: SweepSpec) -> Figure:
     """The objective per trial (with the best so far) and against each searched value."""
-    complete = [t for t in study.trials if t.value is not None]
+    complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
     panels = 1 + len(spec.params)
     fig = Figure(figsize=(4.2 * panels, 3.8), layout="constrained")
     axes = fig.subplots(1, panels, squeeze=False)[0]
@@ -260,6 +269,7 @@ def plot_study(study, spec: SweepSpec) -> Figure:
             ax.scatter(xs, values, color="#2f6fde")
             if p.log:
                 ax.set_xscale("log")
+                ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set(title=p.name, xlabel=p.name)
     for ax in axes:
         ax.grid(alpha=0.3)
