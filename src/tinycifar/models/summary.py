@@ -49,9 +49,11 @@ class LayerRow:
     rf: int | None
 
 
-def layer_table(model: nn.Module, input_size: int = 32) -> list[LayerRow]:
-    """One row per leaf layer: output shape, parameters, multiply-accumulates, receptive field."""
-    rf_by_name = {s.name: s.rf for s in receptive_field_walk(model)}
+def layer_table(model: nn.Module, input_size: int = 32, walk: list[RFStep] | None = None) -> list[LayerRow]:
+    """One row per leaf layer: output shape, parameters, multiply-accumulates, receptive field
+    (from ``walk`` when the caller has traced the model already)."""
+    walk = walk if walk is not None else receptive_field_walk(model, input_size)
+    rf_by_name = {s.name: s.rf for s in walk}
     rows: list[LayerRow] = []
     hooks = []
 
@@ -81,12 +83,13 @@ def layer_table(model: nn.Module, input_size: int = 32) -> list[LayerRow]:
 
 
 def model_summary(model: nn.Module, name: str | None = None) -> dict:
-    rows = layer_table(model)
+    walk = receptive_field_walk(model)  # one trace serves the table and the field
+    rows = layer_table(model, walk=walk)
     return {
         "model": name or getattr(model, "name", None) or type(model).__name__,
         "params": sum(p.numel() for p in model.parameters()),
         "macs": sum(r.macs for r in rows),
-        "receptive_field": receptive_field(model),
+        "receptive_field": max((s.rf for s in walk), default=1),
         "layers": [r.__dict__ | {"out_shape": list(r.out_shape)} for r in rows],
     }
 
