@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .export import calibration_images, export_onnx, quantize_int8
+from .export import write_onnx
 from .inference import NormalizedNet
 
 
@@ -46,11 +46,7 @@ class OnnxEngine:
         self.name = "onnxruntime-int8" if int8 else "onnxruntime"
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "model.onnx"
-            export_onnx(model, path)
-            if int8:
-                quantized = Path(tmp) / "model-int8.onnx"
-                quantize_int8(path, quantized, calibration_images(config, data=data))
-                path = quantized
+            write_onnx(model, config, path, int8=int8, data=data)
             options = ort.SessionOptions()
             # idle pool threads sleep instead of spinning: in a server they would take the cores the
             # request handling needs (measured in benchmarks/README.md)

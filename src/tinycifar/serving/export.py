@@ -134,12 +134,20 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, fmt: str = "onnx"
     out.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "torchscript":
         export_torchscript(model, out)
-    elif fmt == "onnx":
-        export_onnx(model, out)
     else:
-        images = calibration_images(state["config"], calibration_count, data)
-        with tempfile.TemporaryDirectory() as tmp:
-            fp32 = Path(tmp) / "fp32.onnx"
-            export_onnx(model, fp32)
-            quantize_int8(fp32, out, images)
+        write_onnx(model, state["config"], out, int8=fmt == "onnx-int8", data=data,
+                   calibration_count=calibration_count)
     return out
+
+
+def write_onnx(model: NormalizedNet, config: dict, out: str | Path, int8: bool = False,
+               data: str | Path | None = None, calibration_count: int = 512) -> None:
+    """The ONNX model at ``out``: fp32, or int8 calibrated on the run's training images (``config``)."""
+    if not int8:
+        export_onnx(model, out)
+        return
+    images = calibration_images(config, calibration_count, data)
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32 = Path(tmp) / "fp32.onnx"
+        export_onnx(model, fp32)
+        quantize_int8(fp32, out, images)
