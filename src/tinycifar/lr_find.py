@@ -32,9 +32,9 @@ from .checkpoint import atomic_write_bytes
 from .config import ConfigError, TrainConfig
 from .data import Split
 from .evaluate import autocast_context
-from .loader import DeviceLoader, channel_stats
+from .loader import DeviceLoader
 from .models.registry import short_name
-from .train import build_network, build_optimizer, load_data, prepare_model, resolve_device, resolve_precision, set_lr
+from .train import DistEnv, build_optimizer, prepare, set_lr
 
 RULE = "steepest descent of the smoothed loss against log(lr)"
 
@@ -127,28 +127,13 @@ def lr_find(cfg: TrainConfig, data: tuple[Split, Split] | None = None, model: nn
     A network passed as ``model`` is not touched: the test trains a copy of it.
     """
     check_range(start_lr, end_lr, steps)
-    device = resolve_device(cfg.device)
-    precision = resolve_precision(cfg.precision, device)
     threads = torch.get_num_threads()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     try:
-        train_split, _ = data if data is not None else load_data(cfg)
-        mean, std = channel_stats(train_split.images)
-        torch.manual_seed(cfg.seed)
         # a network handed over is left as it is: the test (whitening stem, channels_last) runs on a copy
-        network, _ = build_network(cfg, copy.deepcopy(model) if model is not None else None)
-        network = network.to(device)
-        prepare_model(network, cfg, train_split, mean, std)
-        if cfg.channels_last:
-            network = network.to(memory_format=torch.channels_last)
-        loader = DeviceLoader(train_split, cfg.batch_size, mean, std, device, train=True, aug=cfg.aug, seed=cfg.seed,
-                              channels_last=cfg.channels_last, drop_last=True)
-        if len(loader) == 0:
-            raise ConfigError(f"--batch-size {cfg.batch_size}: larger than the {len(train_split)} training images")
+        p = prepare(cfg, DistEnv(), data, copy.deepcopy(model) if model is not None else None)
         criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-        return range_test(network, build_optimizer(network, cfg), loader, criterion, precision, start_lr, end_lr,
-                          steps)
+        return range_test(p.model, build_optimizer(p.model, cfg), p.train_loader, criterion, p.precision, start_lr,
+                          end_lr, steps)
     finally:
         torch.set_num_threads(threads)
 

@@ -422,9 +422,24 @@ def _train(cfg: TrainConfig, env: DistEnv, data: tuple[Split, Split] | None, mod
     return finish(run, stop_reason)
 
 
-def setup(cfg: TrainConfig, env: DistEnv, data: tuple[Split, Split] | None = None,
-          model: nn.Module | None = None) -> Run:
-    """Device, data, network, run folder, loaders, optimizer; restores a resumed run's state."""
+@dataclass
+class Prepared:
+    """A recipe made ready on its device: what a run and the learning-rate range test both start from."""
+
+    device: torch.device
+    precision: str
+    model: nn.Module
+    source: ModelSource
+    train_split: Split
+    test_split: Split
+    mean: list[float]
+    std: list[float]
+    train_loader: DeviceLoader
+
+
+def prepare(cfg: TrainConfig, env: DistEnv, data: tuple[Split, Split] | None = None,
+            model: nn.Module | None = None) -> Prepared:
+    """Device and precision, the data, the network with the recipe's surgery, the training loader."""
     device = resolve_device(cfg.device)
     if device.type == "cuda" and env.world_size > 1:
         device = torch.device("cuda", env.local_rank)
@@ -433,9 +448,6 @@ def setup(cfg: TrainConfig, env: DistEnv, data: tuple[Split, Split] | None = Non
         torch.set_num_threads(cfg.threads)
     if cfg.batch_size % env.world_size:
         raise ConfigError(f"--batch-size {cfg.batch_size}: must be divisible by the {env.world_size} processes")
-
-    # The data and the network first: a missing dataset or a broken network file must not leave an
-    # empty run folder behind.
     train_split, test_split = data if data is not None else rank0_first(env, lambda: load_data(cfg))
     mean, std = channel_stats(train_split.images)
     torch.manual_seed(cfg.seed)
@@ -444,14 +456,23 @@ def setup(cfg: TrainConfig, env: DistEnv, data: tuple[Split, Split] | None = Non
     prepare_model(model, cfg, train_split, mean, std)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    per_rank_batch = cfg.batch_size // env.world_size
-    train_loader = DeviceLoader(train_split, per_rank_batch, mean, std, device, train=True, aug=cfg.aug,
-                                seed=cfg.seed, channels_last=cfg.channels_last, drop_last=True,
+    train_loader = DeviceLoader(train_split, cfg.batch_size // env.world_size, mean, std, device, train=True,
+                                aug=cfg.aug, seed=cfg.seed, channels_last=cfg.channels_last, drop_last=True,
                                 rank=env.rank, world_size=env.world_size)
-    test_loader = DeviceLoader(test_split, 1000, mean, std, device, train=False,
-                               channels_last=cfg.channels_last, rank=env.rank, world_size=env.world_size)
     if len(train_loader) == 0:
         raise ConfigError(f"--batch-size {cfg.batch_size}: larger than the {len(train_split)} training images")
+    return Prepared(device, precision, model, source, train_split, test_split, mean, std, train_loader)
+
+
+def setup(cfg: TrainConfig, env: DistEnv, data: tuple[Split, Split] | None = None,
+          model: nn.Module | None = None) -> Run:
+    """Device, data, network, run folder, loaders, optimizer; restores a resumed run's state."""
+    # The data and the network first: a missing dataset or a broken network file must not leave an
+    # empty run folder behind.
+    p = prepare(cfg, env, data, model)
+    device, model, mean, std = p.device, p.model, p.mean, p.std
+    test_loader = DeviceLoader(p.test_split, 1000, mean, std, device, train=False,
+                               channels_last=cfg.channels_last, rank=env.rank, world_size=env.world_size)
 
     if cfg.tensorboard and env.is_main:
         from .tensorboard_log import writer_class
@@ -468,14 +489,14 @@ def setup(cfg: TrainConfig, env: DistEnv, data: tuple[Split, Split] | None = Non
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.compile:
         net = torch.compile(net)
-    run = Run(cfg, env, device, precision, run_dir, model, net, ema, source, build_optimizer(model, cfg),
-              nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing), train_loader, test_loader, mean, std)
+    run = Run(cfg, env, device, p.precision, run_dir, model, net, ema, p.source, build_optimizer(model, cfg),
+              nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing), p.train_loader, test_loader, mean, std)
     resumed = cfg.resume and restore(run, load_checkpoint(run_dir / "last.pt"))
-    announce(run, len(train_split), len(test_split), resumed)
+    announce(run, len(p.train_split), len(p.test_split), resumed)
     if cfg.tensorboard and env.is_main:
         from .tensorboard_log import TensorBoardLog
 
-        run.log = TensorBoardLog(run_dir, cfg, train_split, mean, std)
+        run.log = TensorBoardLog(run_dir, cfg, p.train_split, mean, std)
     return run
 
 
