@@ -27,9 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import command_line, cpu_model  # noqa: E402
 
-from tinycifar.augment import AugmentConfig, augment  # noqa: E402
 from tinycifar.data import load_split  # noqa: E402
-from tinycifar.loader import DeviceLoader, channel_stats  # noqa: E402
+from tinycifar.data.augment import AugmentConfig, augment  # noqa: E402
+from tinycifar.data.loader import DeviceLoader, channel_stats  # noqa: E402
 
 POLICIES = {
     "none": AugmentConfig(policy="none"),

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 
-from tinycifar import data
+from tinycifar.data import cifar10 as data
 
 SMALL_BATCH = 20  # images per fake batch file
 

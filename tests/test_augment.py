@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tinycifar.augment import (
+from tinycifar.data.augment import (
     POLICIES,
     AugmentConfig,
     augment,

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 import torch
 
-from tinycifar import data
 from tinycifar.data import DatasetError, load_cifar10, load_split
+from tinycifar.data import cifar10 as data
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

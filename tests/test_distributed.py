@@ -22,8 +22,8 @@ import torch
 
 from tinycifar.checkpoint import load_checkpoint, model_from_checkpoint
 from tinycifar.data import synthetic_cifar10
+from tinycifar.data.loader import DeviceLoader
 from tinycifar.evaluate import evaluate
-from tinycifar.loader import DeviceLoader
 
 pytestmark = pytest.mark.slow
 
@@ -196,8 +196,8 @@ def test_shards_cover_the_test_set_once_and_split_training_evenly(world, n):
 
 
 def test_each_rank_draws_its_own_augmentation():
-    from tinycifar.augment import AugmentConfig
     from tinycifar.data import Split
+    from tinycifar.data.augment import AugmentConfig
 
     image = torch.randint(0, 256, (1, 3, 32, 32), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
     split = Split(image.repeat(64, 1, 1, 1), torch.zeros(64, dtype=torch.long))  # identical images

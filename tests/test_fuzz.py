@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from tinycifar.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from tinycifar.data import RECORD_BYTES, DatasetError, parse_py_batch, read_bin_batch, safe_load_batch
+from tinycifar.data.cifar10 import RECORD_BYTES, DatasetError, parse_py_batch, read_bin_batch, safe_load_batch
 
 BUDGET = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 SMALL = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tinycifar.augment import AugmentConfig
 from tinycifar.data import Split, synthetic_cifar10
-from tinycifar.loader import DeviceLoader, channel_stats, epoch_generator
+from tinycifar.data.augment import AugmentConfig
+from tinycifar.data.loader import DeviceLoader, channel_stats, epoch_generator
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

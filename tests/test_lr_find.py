@@ -13,7 +13,7 @@ from torch import nn
 
 from tinycifar.config import resolve_config
 from tinycifar.data import synthetic_cifar10
-from tinycifar.loader import DeviceLoader, channel_stats
+from tinycifar.data.loader import DeviceLoader, channel_stats
 from tinycifar.lr_find import lr_find, range_test, suggest
 from tinycifar.models import create_model
 

@@ -25,8 +25,8 @@ from tinycifar.checkpoint import load_checkpoint, model_from_checkpoint
 from tinycifar.cli import main
 from tinycifar.config import TrainConfig, resolve_config
 from tinycifar.data import DatasetError, synthetic_cifar10
+from tinycifar.data.loader import DeviceLoader
 from tinycifar.evaluate import evaluate
-from tinycifar.loader import DeviceLoader
 from tinycifar.models import ClassifierHead, Net, create_model
 from tinycifar.train import (
     METRIC_FIELDS,

@@ -76,6 +76,10 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
         ("--precision", str, "auto, bf16, fp16 or fp32"),
         ("--threads", int, "CPU threads (0 = torch's default)"),
         ("--target-acc", float, "stop at the first epoch reaching this test accuracy (percent)"),
+        ("--eval-every", int, "test every N epochs and after the last (0 = only after the last)"),
+        ("--aug-pipeline", str, "albumentations pipeline file (A.save, JSON or YAML) used instead of --aug, "
+                                "per image in CPU workers"),
+        ("--aug-workers", int, "worker processes for --aug-pipeline (0 = in the training process)"),
     ]
     for flag, kind, text in fields:
         p.add_argument(flag, type=kind, default=None, help=text)
@@ -194,8 +198,8 @@ def cmd_lr_find(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from .checkpoint import load_checkpoint, model_from_checkpoint
+    from .data.loader import DeviceLoader
     from .evaluate import evaluate
-    from .loader import DeviceLoader
     from .serving.inference import run_split
     from .train import resolve_device, resolve_precision
 
@@ -273,8 +277,32 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0 if report.passed else 1
 
 
+def cmd_aug_export(args: argparse.Namespace) -> int:
+    from .data.cifar10 import CIFAR10_MEAN
+    from .data.pipeline import PipelineError, policy_pipeline, save_pipeline
+
+    cfg = resolve_config(args.preset, overrides=_aug_overrides(args))
+    mean = [round(255 * m, 1) for m in CIFAR10_MEAN]
+    try:
+        save_pipeline(policy_pipeline(cfg.aug, tuple(mean)), args.out)
+    except PipelineError as e:
+        raise ConfigError(str(e)) from None
+    except OSError as e:
+        raise ConfigError(f"--out {args.out}: cannot write ({e.strerror or e})") from None
+    print(f"{cfg.aug.policy} policy of the {cfg.preset} preset -> {args.out} (albumentations pipeline; holes and "
+          f"borders filled with the CIFAR-10 mean {mean})")
+    return 0
+
+
+def _aug_overrides(args: argparse.Namespace) -> dict:
+    values = parse_assignments(args.set)
+    if args.policy:
+        values.setdefault("aug", {})["policy"] = args.policy
+    return values
+
+
 def cmd_download(args: argparse.Namespace) -> int:
-    from .data import ARCHIVE_MD5, download_cifar10, find_layout
+    from .data.cifar10 import ARCHIVE_MD5, download_cifar10, find_layout
 
     root = Path(args.data)
     try:
@@ -388,7 +416,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     import os
 
-    from .data import URL
+    from .data.cifar10 import URL
     from .evaluate import TTA_MODES
 
     parser = OneLineErrorParser(prog="tinycifar", description="Fast compact CIFAR-10 networks.")
@@ -438,6 +466,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_arg(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_summary)
+
+    p = sub.add_parser("aug", help="augmentation tools").add_subparsers(dest="aug_command", required=True,
+                                                                          parser_class=OneLineErrorParser)
+    p = p.add_parser("export", help="write a policy as an albumentations pipeline file (JSON, or YAML by suffix)")
+    p.add_argument("--policy", default=None, help="seed or fast (default: the preset's)")
+    p.add_argument("--preset", default="seed", help="preset whose augmentation options are used (default: seed)")
+    p.add_argument("--set", action="append", default=[], metavar="aug.KEY=VALUE", help="override an aug option")
+    p.add_argument("--out", required=True, help="file to write, e.g. seed.yaml")
+    p.set_defaults(func=cmd_aug_export)
 
     p = sub.add_parser("download", help="download CIFAR-10 if it is not there")
     p.add_argument("--data", default=os.environ.get("CIFAR10_ROOT", "./data"))

@@ -72,7 +72,8 @@ def read_run(run_dir: str | Path) -> RunInfo:
     if config is None and not history:
         raise NotARun(f"{run_dir}: not a run folder (no config.json or metrics.csv)")
     config, summary = config or {}, summary or {}
-    best = max(history, key=lambda h: h.get("test_acc", -1)) if history else None
+    tested = [h for h in history if h.get("test_acc") is not None]  # --eval-every skips test passes
+    best = max(tested, key=lambda h: h["test_acc"]) if tested else None
     last = history[-1] if history else {}
     train_seconds = summary.get("train_seconds", last.get("train_seconds_total"))
     planned = config.get("epochs", "?")
@@ -106,8 +107,8 @@ def plot_runs(runs: list[RunInfo]) -> Figure:
     for r in runs:
         epochs = [h["epoch"] for h in r.history]
         label = f"{Path(r.run).name} ({r.network})"
-        acc_ax.plot(epochs, [h.get("test_acc") for h in r.history], marker="o" if len(epochs) <= 30 else None,
-                    markersize=3, label=label)
+        accuracy = [h.get("test_acc", float("nan")) for h in r.history]  # nan: an epoch without a test pass
+        acc_ax.plot(epochs, accuracy, marker="o" if len(epochs) <= 30 else None, markersize=3, label=label)
         loss_ax.plot(epochs, [h.get("train_loss") for h in r.history], label=label)
     acc_ax.set(title="Test accuracy", xlabel="epoch", ylabel="accuracy (%)")
     loss_ax.set(title="Training loss", xlabel="epoch", ylabel="loss (augmented batches)")

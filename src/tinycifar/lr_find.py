@@ -31,8 +31,8 @@ from torch import nn
 from .checkpoint import atomic_write_bytes
 from .config import ConfigError, TrainConfig
 from .data import Split
+from .data.loader import DeviceLoader
 from .evaluate import autocast_context
-from .loader import DeviceLoader
 from .models.registry import short_name
 from .train import DistEnv, build_optimizer, prepare, set_lr
 

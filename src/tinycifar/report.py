@@ -37,9 +37,9 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from torch import nn
 
-from .augment import AugmentConfig, augment
 from .checkpoint import CheckpointError, atomic_write_bytes
 from .data import CLASSES, Split
+from .data.augment import AugmentConfig, augment
 from .serving.inference import load_inference_model, run_split, to_unit_float
 
 MIN_CAM_SIZE = 8
@@ -231,14 +231,16 @@ def plot_curves(history: list[dict[str, float]], label_smoothing: float) -> Figu
               ("test_loss", "Test loss", "cross-entropy loss", "whole test set, after each epoch", "tab:orange"),
               ("test_acc", "Test accuracy", "accuracy (%)", "after each epoch", "tab:orange")]
     for ax, (key, title, ylabel, note, color) in zip(axes.flat, panels, strict=True):
-        ax.plot(epochs, [h[key] for h in history], color=color, marker=marker, markersize=3)
+        rows = [h for h in history if h.get(key) is not None]  # --eval-every skips test passes
+        ax.plot([h["epoch"] for h in rows], [h[key] for h in rows], color=color, marker=marker, markersize=3)
         ax.set_title(f"{title}\n({note})")
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-    if history:
-        best = max(history, key=lambda h: h["test_acc"])
+    tested = [h for h in history if h.get("test_acc") is not None]
+    if tested:
+        best = max(tested, key=lambda h: h["test_acc"])
         ax = axes[1, 1]
         ax.plot([best["epoch"]], [best["test_acc"]], "o", color="tab:red",
                 label=f"best {best['test_acc']:.2f}% (epoch {best['epoch']:.0f})")
@@ -514,7 +516,8 @@ def write_report(run_dir: str | Path, data: str | Path | None = None, model: str
         ]
     rendered = [(heading, caption, _png(fig, run_dir / name)) for name, heading, caption, fig in figures]
 
-    best = max(history, key=lambda h: h["test_acc"]) if history else None
+    tested = [h for h in history if h.get("test_acc") is not None]
+    best = max(tested, key=lambda h: h["test_acc"]) if tested else None
     facts = [["run folder", str(run_dir)], ["model", f"{state['model']} ({state.get('params', 0):,} parameters)"],
              ["checkpoint", f"{checkpoint.name} (after epoch {state.get('epoch', '?')})"],
              ["test accuracy of this checkpoint", f"{accuracy:.2f}% on {len(labels):,} images, in fp32"

@@ -39,13 +39,14 @@ from .checkpoint import (
 )
 from .config import ConfigError, TrainConfig
 from .data import DatasetError, Split, load_cifar10, synthetic_cifar10
+from .data.loader import DeviceLoader, channel_stats
 from .evaluate import autocast_context, evaluate
-from .loader import DeviceLoader, channel_stats
 from .models import ModelError, ModelSource, build_model, count_params, init_whitening
 from .models.registry import check_output, short_name
 
 METRIC_FIELDS = [
     "epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "seconds", "train_seconds_total", "eval_seconds",
+    "finished_unix_seconds",  # Unix time the epoch and its test pass ended: whole-process time-to-accuracy
 ]
 
 
@@ -414,6 +415,8 @@ def _train(cfg: TrainConfig, env: DistEnv, data: tuple[Split, Split] | None, mod
     for epoch in range(run.start_epoch, cfg.epochs):
         stats = train_one_epoch(run, epoch)
         accuracy = evaluate_and_checkpoint(run, epoch, stats)
+        if accuracy is None:
+            continue
         if on_epoch is not None:
             on_epoch(epoch + 1, accuracy)
         if cfg.target_acc and accuracy >= cfg.target_acc:
@@ -456,12 +459,26 @@ def prepare(cfg: TrainConfig, env: DistEnv, data: tuple[Split, Split] | None = N
     prepare_model(model, cfg, train_split, mean, std)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    train_loader = DeviceLoader(train_split, cfg.batch_size // env.world_size, mean, std, device, train=True,
-                                aug=cfg.aug, seed=cfg.seed, channels_last=cfg.channels_last, drop_last=True,
-                                rank=env.rank, world_size=env.world_size)
+    train_loader = training_loader(cfg, env, train_split, mean, std, device)
     if len(train_loader) == 0:
         raise ConfigError(f"--batch-size {cfg.batch_size}: larger than the {len(train_split)} training images")
     return Prepared(device, precision, model, source, train_split, test_split, mean, std, train_loader)
+
+
+def training_loader(cfg: TrainConfig, env: DistEnv, split: Split, mean: list[float], std: list[float],
+                    device: torch.device) -> DeviceLoader:
+    """The batched policy on the device, or the user's albumentations pipeline in CPU workers."""
+    common = dict(seed=cfg.seed, channels_last=cfg.channels_last, drop_last=cfg.drop_last, rank=env.rank,
+                  world_size=env.world_size, device=device)
+    if cfg.aug_pipeline:
+        from .data.pipeline import PipelineError, PipelineLoader, load_pipeline
+
+        try:
+            pipeline = load_pipeline(cfg.aug_pipeline, split.images[:8])
+        except PipelineError as e:
+            raise ConfigError(str(e)) from None
+        return PipelineLoader(split, cfg.batch_size // env.world_size, mean, std, pipeline, cfg.aug_workers, **common)
+    return DeviceLoader(split, cfg.batch_size // env.world_size, mean, std, train=True, aug=cfg.aug, **common)
 
 
 def setup(cfg: TrainConfig, env: DistEnv, data: tuple[Split, Split] | None = None,
@@ -510,7 +527,7 @@ def restore(run: Run, state: dict[str, Any]) -> bool:
     run.history = list(state["history"])
     run.start_epoch = run.saved_epoch = int(state["epoch"])
     run.train_seconds = float(run.history[-1]["train_seconds_total"]) if run.history else 0.0
-    run.best_acc = max((h["test_acc"] for h in run.history), default=-1.0)
+    run.best_acc = max((h["test_acc"] for h in evaluated(run.history)), default=-1.0)
     return True
 
 
@@ -594,25 +611,40 @@ def train_one_epoch(run: Run, epoch: int) -> EpochStats:
     return EpochStats(train_loss, train_acc, seconds, lr)
 
 
-def evaluate_and_checkpoint(run: Run, epoch: int, stats: EpochStats) -> float:
-    """Test accuracy after the epoch, its metrics row, best.pt/last.pt/metrics.csv; returns the accuracy."""
+def evaluates_after(cfg: TrainConfig, epoch: int) -> bool:
+    """Whether epoch (0-based) ends with a test pass: every ``eval_every`` epochs and after the last."""
+    last = epoch + 1 == cfg.epochs
+    return last or (cfg.eval_every > 0 and (epoch + 1) % cfg.eval_every == 0)
+
+
+def evaluated(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The epochs that ended with a test pass (``--eval-every`` may skip some)."""
+    return [h for h in history if h.get("test_acc") is not None]
+
+
+def evaluate_and_checkpoint(run: Run, epoch: int, stats: EpochStats) -> float | None:
+    """Test accuracy after the epoch (when it is due), its metrics row, best.pt/last.pt/metrics.csv;
+    returns the accuracy, or None for an epoch without a test pass."""
     run.train_seconds += stats.seconds
     t_eval = time.perf_counter()
-    sync_buffers(run.env, run.model, *([run.ema.module] if run.ema is not None else []))
-    result = evaluate(run.eval_model, run.test_loader, run.precision)
+    result = None
+    if evaluates_after(run.cfg, epoch):
+        sync_buffers(run.env, run.model, *([run.ema.module] if run.ema is not None else []))
+        result = evaluate(run.eval_model, run.test_loader, run.precision)
     run.history.append({
         "epoch": epoch + 1, "lr": stats.lr, "train_loss": round(stats.train_loss, 6),
-        "train_acc": round(stats.train_acc, 4), "test_loss": round(result.loss, 6),
-        "test_acc": round(result.accuracy, 4), "seconds": round(stats.seconds, 3),
-        "train_seconds_total": round(run.train_seconds, 3), "eval_seconds": round(time.perf_counter() - t_eval, 3)})
-    if not run.quiet:
+        "train_acc": round(stats.train_acc, 4), "test_loss": round(result.loss, 6) if result else None,
+        "test_acc": round(result.accuracy, 4) if result else None, "seconds": round(stats.seconds, 3),
+        "train_seconds_total": round(run.train_seconds, 3), "eval_seconds": round(time.perf_counter() - t_eval, 3),
+        "finished_unix_seconds": round(time.time(), 3)})
+    if result is not None and not run.quiet:
         print(f"\n{result.line()}\n")
-    if run.log is not None:
+    if result is not None and run.log is not None:
         run.log.epoch(run.history[-1], result.confusion)
     if run.env.is_main:
         state = run.checkpoint_state(epoch + 1)
         try:
-            if result.accuracy > run.best_acc:
+            if result is not None and result.accuracy > run.best_acc:
                 save_checkpoint(run.run_dir / "best.pt", state)
                 run.best_acc = result.accuracy
             save_checkpoint(run.run_dir / "last.pt", state)
@@ -622,7 +654,7 @@ def evaluate_and_checkpoint(run: Run, epoch: int, stats: EpochStats) -> float:
             raise TrainingError(
                 f"epoch {epoch + 1}: cannot write to {run.run_dir} ({e.strerror or e}); the previous checkpoint "
                 f"{run.run_dir / 'last.pt'} (epoch {run.saved_epoch}) is intact; make room, then --resume") from None
-    return result.accuracy
+    return result.accuracy if result is not None else None
 
 
 def finish(run: Run, stop_reason: str) -> RunResult:
@@ -657,14 +689,15 @@ def check_resumed_source(recorded: ModelSource, current: ModelSource, allow_chan
 
 def build_summary(cfg: TrainConfig, history: list[dict[str, Any]], params: int, precision: str,
                   device: torch.device, env: DistEnv, stop_reason: str, images_per_epoch: int) -> dict[str, Any]:
-    accs = [h["test_acc"] for h in history]
-    reached = next((h for h in history if h["test_acc"] >= cfg.target_for_summary), None)
+    tested = evaluated(history)
+    reached = next((h for h in tested if h["test_acc"] >= cfg.target_for_summary), None)
     train_seconds = history[-1]["train_seconds_total"] if history else 0.0
-    best = max(history, key=lambda h: h["test_acc"]) if history else None
+    best = max(tested, key=lambda h: h["test_acc"]) if tested else None
+    final = tested[-1] if tested and tested[-1] is history[-1] else None
     return {
         "model": cfg.model, "preset": cfg.preset, "params": params, "epochs_run": len(history),
         "best_acc": best["test_acc"] if best else None, "best_epoch": best["epoch"] if best else None,
-        "final_acc": accs[-1] if accs else None, "final_loss": history[-1]["test_loss"] if history else None,
+        "final_acc": final["test_acc"] if final else None, "final_loss": final["test_loss"] if final else None,
         "target": cfg.target_for_summary,
         "epoch_reached_target": reached["epoch"] if reached else None,
         "seconds_to_target": reached["train_seconds_total"] if reached else None,

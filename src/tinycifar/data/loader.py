@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .augment import AugmentConfig, augment
-from .data import Split
+from .cifar10 import Split
 
 
 def channel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:
@@ -102,6 +102,15 @@ class DeviceLoader:
             return None
         return self.flip_bits[idx] ^ bool(self.epoch % 2)
 
+    def finish(self, x: torch.Tensor) -> torch.Tensor:
+        """The steps after augmentation: the epoch's resolution and the memory format."""
+        if self.resolution and self.resolution != x.shape[-1]:
+            x = F.interpolate(x, size=(self.resolution, self.resolution), mode="bilinear",
+                              antialias=True, align_corners=False)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order = self.indices()
         gen = epoch_generator(self.seed, self.epoch, self.device, stream=1 + self.rank)  # own draws per rank
@@ -111,9 +120,4 @@ class DeviceLoader:
             x = self.normalize(self.images[idx])
             if self.train and self.aug is not None:
                 x = augment(x, self.aug, gen, self.alternating_flips(idx))
-            if self.resolution and self.resolution != x.shape[-1]:
-                x = F.interpolate(x, size=(self.resolution, self.resolution), mode="bilinear",
-                                  antialias=True, align_corners=False)
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            yield x, self.labels[idx]
+            yield self.finish(x), self.labels[idx]

@@ -25,8 +25,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .checkpoint import current_umask
+from ..checkpoint import current_umask
 
+# The training split's per-channel mean on the 0..1 scale (what loader.channel_stats computes from it)
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 ARCHIVE_NAME = "cifar-10-python.tar.gz"

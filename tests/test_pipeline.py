@@ -1,0 +1,104 @@
+"""A user's albumentations pipeline as the augmentation backend, and `tinycifar aug export`."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+
+A = pytest.importorskip("albumentations")
+
+from cli_helpers import one_line, run_main  # noqa: E402
+
+from tinycifar.data import synthetic_cifar10  # noqa: E402
+from tinycifar.data.augment import AugmentConfig  # noqa: E402
+from tinycifar.data.loader import channel_stats  # noqa: E402
+from tinycifar.data.pipeline import PipelineLoader, load_pipeline, policy_pipeline  # noqa: E402
+
+TRAIN = ["train", "--dataset", "synthetic", "--set", "synthetic_size=256", "--epochs", "1", "--batch-size", "64",
+         "--quiet", "--set", "low_res=0", "--set", "whiten_stem=false"]
+
+
+def save(transforms: list, path) -> str:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        A.save(A.Compose(transforms), str(path), data_format="yaml" if str(path).endswith(".yaml") else "json")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def split():
+    return synthetic_cifar10(64, 16)[0]
+
+
+def test_aug_export_writes_a_file_albumentations_loads(tmp_path, capsys):
+    out = tmp_path / "seed.yaml"
+    rc, stdout, _ = run_main(capsys, ["aug", "export", "--out", out])
+    assert rc == 0 and "seed policy" in stdout
+    pipeline = A.load(str(out), data_format="yaml")
+    names = [type(t).__name__ for t in pipeline.transforms]
+    assert names == ["HorizontalFlip", "ShiftScaleRotate", "CoarseDropout"]
+    rc, _, _ = run_main(capsys, ["aug", "export", "--preset", "fast", "--out", tmp_path / "fast.json"])
+    fast = json.loads((tmp_path / "fast.json").read_text())
+    assert rc == 0 and [t["__class_fullname__"] for t in fast["transform"]["transforms"]] == [
+        "HorizontalFlip", "PadIfNeeded", "RandomCrop"]
+
+
+def test_aug_export_refuses_what_albumentations_cannot_say(tmp_path, capsys):
+    rc, _, err = run_main(capsys, ["aug", "export", "--preset", "best", "--out", tmp_path / "x.json"])
+    one_line(rc, err, "alternate_flip")
+    rc, _, err = run_main(capsys, ["aug", "export", "--preset", "fast", "--set", "aug.cutout_size=8",
+                                   "--out", tmp_path / "x.json"])
+    one_line(rc, err, "cutout")
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_train_with_a_pipeline_file(tmp_path, capsys):
+    pipeline = save([A.HorizontalFlip(p=0.5), A.CoarseDropout(num_holes_range=(1, 1), hole_height_range=(8, 8),
+                                                               hole_width_range=(8, 8), p=1.0)], tmp_path / "mine.yaml")
+    rc, _, err = run_main(capsys, [*TRAIN, "--aug-pipeline", pipeline, "--aug-workers", "1", "--out", tmp_path / "run"])
+    assert rc == 0, err
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert config["aug_pipeline"] == pipeline and summary["epochs_run"] == 1
+
+
+@pytest.mark.parametrize("make, fragment", [
+    (lambda p: p.write_text("{"), "not a loadable albumentations pipeline"),
+    (lambda p: p.write_text(json.dumps({"__version__": "2.0.8", "transform": {
+        "__class_fullname__": "Compose", "p": 1.0, "transforms": [{"__class_fullname__": "NoSuchFlip", "p": 0.5}]}})),
+     "unknown transform 'NoSuchFlip'"),
+    (lambda p: save([A.HorizontalFlip(), A.Resize(24, 24)], p), "transform Resize"),
+    (lambda p: save([A.ToFloat()], p), "transform ToFloat"),
+    (lambda p: None, "file not found"),
+])
+def test_bad_pipeline_files_are_one_line_before_any_epoch(tmp_path, capsys, make, fragment):
+    path = tmp_path / "pipe.json"
+    make(path)
+    rc, _, err = run_main(capsys, [*TRAIN, "--aug-pipeline", path, "--out", tmp_path / "run"])
+    one_line(rc, err, str(path), fragment)
+    assert not (tmp_path / "run").exists()
+
+
+def batches(split, pipeline, workers: int, epoch: int) -> list[torch.Tensor]:
+    mean, std = channel_stats(split.images)
+    loader = PipelineLoader(split, 16, mean, std, pipeline, workers=workers, seed=3)
+    loader.set_epoch(epoch)
+    return [x for x, _ in loader]
+
+
+def test_pipeline_loader_is_reproducible_and_changes_with_the_epoch(split):
+    pipeline = policy_pipeline(AugmentConfig(policy="seed"), (125.0, 123.0, 114.0))
+    first, again = batches(split, pipeline, 0, 0), batches(split, pipeline, 0, 0)
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(first, batches(split, pipeline, 0, 1), strict=True))
+    in_workers = batches(split, pipeline, 2, 0)
+    assert all(torch.equal(a, b) for a, b in zip(in_workers, batches(split, pipeline, 2, 0), strict=True))
+    assert first[0].shape == (16, 3, 32, 32) and first[0].dtype == torch.float32
+
+
+def test_loaded_pipeline_is_checked_transform_by_transform(tmp_path, split):
+    ok = save([A.HorizontalFlip(), A.Rotate(limit=10, p=1.0)], tmp_path / "ok.json")
+    assert [type(t).__name__ for t in load_pipeline(ok, split.images[:4]).transforms] == ["HorizontalFlip", "Rotate"]
