@@ -14,10 +14,10 @@ from tiny_run import train_tiny_run
 
 from tinycifar.cli import main
 from tinycifar.data import synthetic_cifar10
+from tinycifar.data.images import load_image
 from tinycifar.models import MODEL_REGISTRY, create_model
 from tinycifar.serving import export
 from tinycifar.serving.inference import NormalizedNet, load_inference_model, run_split, to_unit_float
-from tinycifar.serving.predict import load_image
 
 
 @pytest.fixture(scope="module")

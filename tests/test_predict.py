@@ -19,7 +19,8 @@ from tiny_run import train_tiny_run
 
 from tinycifar.cli import main
 from tinycifar.data import CLASSES
-from tinycifar.serving.predict import MAX_PIXELS, ImageLoadError, expand_inputs, load_image
+from tinycifar.data.images import MAX_PIXELS, ImageLoadError, load_image
+from tinycifar.serving.predict import expand_inputs
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +162,7 @@ def test_decompression_bomb_is_refused_without_decoding(tmp_path):
     assert bomb.stat().st_size < 20_000
     script = (
         "import resource, sys\n"
-        "from tinycifar.serving.predict import ImageLoadError, load_image\n"
+        "from tinycifar.data.images import ImageLoadError, load_image\n"
         "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
         "try:\n    load_image(sys.argv[1])\nexcept ImageLoadError:\n    pass\n"
         "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)\n"

@@ -137,7 +137,9 @@ def test_unknown_routes_methods_models_and_options(client):
     assert client.get("/api/predict").status_code == 405
     response = client.get("/api/model", params={"model": "zzz"})
     assert response.status_code == 404 and "fast-a, slim-b" in response.json()["detail"]
-    assert client.post("/api/predict", files=upload(("a.png", png_bytes())), params={"top_k": 11}).status_code == 422
+    assert client.post("/api/predict", files=upload(("a.png", png_bytes())), params={"top_k": 101}).status_code == 422
+    every = client.post("/api/predict", files=upload(("a.png", png_bytes())), params={"top_k": 11})
+    assert len(every.json()["results"][0]["top"]) == 10  # more than the classes: all of them
     assert client.get("/api/gallery", params={"view": "all"}).status_code == 422
 
 

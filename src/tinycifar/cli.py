@@ -15,7 +15,7 @@ from typing import Any
 
 from .checkpoint import CheckpointError
 from .config import PRESETS, ConfigError, load_config_file, parse_assignments, resolve_config
-from .data import DatasetError
+from .data import DatasetError, classes_of
 from .models import ModelError
 from .models.rules import RulesError
 
@@ -59,7 +59,8 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
         ("--model", str, "a registered network (see `tinycifar models`), a plugin's name, path/to/file.py:factory "
                          "or package.module:factory"),
         ("--data", str, "CIFAR-10 folder (default: $CIFAR10_ROOT or ./data)"),
-        ("--dataset", str, "cifar10 or synthetic"),
+        ("--dataset", str, "cifar10, folder (--data DIR with train/<class>/ and test/<class>/) or synthetic"),
+        ("--image-size", int, "folder datasets: decode images to this size (default 32)"),
         ("--epochs", int, "training epochs"),
         ("--batch-size", int, "global batch size (split across processes)"),
         ("--lr", learning_rate, "peak learning rate, or auto: the range test's suggestion (see lr-find)"),
@@ -92,6 +93,7 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
              ("--compile", "compile", True, "torch.compile the model"),
              ("--no-channels-last", "channels_last", False, "keep NCHW memory format"),
              ("--allow-modified", "allow_modified", True, "accept data files whose md5 is not the official one"),
+             ("--strict", "strict", True, "folder datasets: refuse unreadable files instead of skipping them"),
              ("--allow-changed-source", "allow_changed_source", True,
               "--resume although the network's source file changed"),
              ("--no-download", "download", False, "never download CIFAR-10")]
@@ -211,22 +213,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
     test = run_split(config, train=False, data=args.data)  # synthetic runs regenerate their test set
     loader = DeviceLoader(test, args.batch_size, state["mean"], state["std"], device, train=False)
     result = evaluate(model.to(device), loader, precision, tta=args.tta)
-    from .data import CLASSES
+    classes = classes_of(state)
 
     if args.json:
         print(json.dumps({"checkpoint": str(args.checkpoint), "model": state["model"], "tta": args.tta,
                           "precision": precision, "accuracy": result.accuracy, "loss": result.loss,
                           "correct": result.correct, "total": result.total,
-                          "per_class": dict(zip(CLASSES, result.per_class, strict=True)),
+                          "per_class": dict(zip(classes, result.per_class, strict=True)),
                           "confusion": result.confusion.tolist()}, indent=2))
         return 0
     print(result.line())
     print("\nper-class accuracy:")
-    for name, acc in zip(CLASSES, result.per_class, strict=True):
+    for name, acc in zip(classes, result.per_class, strict=True):
         print(f"  {name:<11}{acc:6.2f}%")
     print("\nconfusion matrix (rows: true class, columns: predicted):")
-    print("            " + "".join(f"{c[:5]:>6}" for c in CLASSES))
-    for name, row in zip(CLASSES, result.confusion.tolist(), strict=True):
+    print("            " + "".join(f"{c[:5]:>6}" for c in classes))
+    for name, row in zip(classes, result.confusion.tolist(), strict=True):
         print(f"  {name:<10}" + "".join(f"{v:>6}" for v in row))
     return 0
 
@@ -328,11 +330,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from .data import CLASSES
     from .serving.predict import run
 
-    if not 1 <= args.top_k <= len(CLASSES):
-        raise ConfigError(f"--top-k: expected 1 to {len(CLASSES)}, got {args.top_k}")
     return run(args.checkpoint, args.inputs, top_k=args.top_k, as_json=args.json, model=args.model,
                allow_changed_source=args.allow_changed_source)
 
@@ -493,7 +492,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="classify image files or folders of images")
     p.add_argument("--checkpoint", required=True, type=Path)
-    p.add_argument("--top-k", type=int, default=3, help="classes shown per image (default: 3)")
+    p.add_argument("--top-k", type=int, default=None, help="classes shown per image (default: 3, or fewer classes)")
     p.add_argument("--json", action="store_true", help="print a JSON list instead of one line per image")
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER")
     _add_checkpoint_model_options(p)

@@ -32,7 +32,9 @@ class TrainConfig:
     dropout: float | None = None  # None: the model's own default
     # data
     data: str = field(default_factory=lambda: os.environ.get("CIFAR10_ROOT", "./data"))
-    dataset: str = "cifar10"  # or "synthetic" (tests, smoke runs)
+    dataset: str = "cifar10"  # or "folder" (DIR/train/<class>/, DIR/test/<class>/) or "synthetic" (tests)
+    image_size: int = 32  # folder datasets: images are decoded to image_size x image_size
+    strict: bool = False  # folder datasets: refuse unreadable files instead of skipping them
     synthetic_size: int = 2000
     download: bool = True
     allow_modified: bool = False  # accept files whose md5 differs from the official ones
@@ -289,7 +291,8 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.schedule in ("onecycle", "cosine", "step", "constant"), "--schedule",
          "onecycle, cosine, step or constant", cfg.schedule)
     need(cfg.precision in ("auto", "bf16", "fp16", "fp32"), "--precision", "auto, bf16, fp16 or fp32", cfg.precision)
-    need(cfg.dataset in ("cifar10", "synthetic"), "--dataset", "cifar10 or synthetic", cfg.dataset)
+    need(cfg.dataset in ("cifar10", "folder", "synthetic"), "--dataset", "cifar10, folder or synthetic", cfg.dataset)
+    need(8 <= cfg.image_size <= 256, "--image-size", "a size in pixels, 8..256", cfg.image_size)
     need(cfg.aug.policy in POLICIES, "--aug", f"one of {', '.join(POLICIES)}", cfg.aug.policy)
     need(re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device) is not None, "--device",
          "auto, cpu, cuda or cuda:N", cfg.device)

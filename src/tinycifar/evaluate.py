@@ -57,7 +57,7 @@ class EvalResult:
     loss: float
     correct: int
     total: int
-    confusion: torch.Tensor  # (10, 10): rows true class, columns predicted
+    confusion: torch.Tensor  # (classes, classes): rows true class, columns predicted
 
     @property
     def accuracy(self) -> float:
@@ -76,16 +76,23 @@ class EvalResult:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, precision: str = "fp32", tta: str = "none",
-             num_classes: int = 10) -> EvalResult:
+             num_classes: int | None = None) -> EvalResult:
+    """Loss, accuracy and confusion over the loader; the class count is the logits' width unless given."""
     was_training = model.training
     model.eval()
     device = loader.device
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-    confusion = torch.zeros(num_classes * num_classes, device=device, dtype=torch.long)
+    confusion = None
     for x, y in loader:
         logits = predict_logits(model, x, precision, tta)
+        if confusion is None:
+            num_classes = num_classes or logits.shape[1]
+            confusion = torch.zeros(num_classes * num_classes, device=device, dtype=torch.long)
         loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
         confusion += torch.bincount(y * num_classes + logits.argmax(1), minlength=num_classes**2)
+    if confusion is None:  # an empty loader
+        num_classes = num_classes or 0
+        confusion = torch.zeros(num_classes * num_classes, device=device, dtype=torch.long)
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(loss_sum)
         dist.all_reduce(confusion)

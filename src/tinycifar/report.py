@@ -38,8 +38,9 @@ from matplotlib.ticker import MaxNLocator
 from torch import nn
 
 from .checkpoint import CheckpointError, atomic_write_bytes
-from .data import CLASSES, Split
+from .data import CLASSES, Split, classes_of
 from .data.augment import AugmentConfig, augment
+from .data.pipeline import to_hwc
 from .serving.inference import load_inference_model, run_split, to_unit_float
 
 MIN_CAM_SIZE = 8
@@ -250,7 +251,7 @@ def plot_curves(history: list[dict[str, float]], label_smoothing: float) -> Figu
 
 
 def plot_gallery(images: torch.Tensor, labels: torch.Tensor, probs: torch.Tensor, shown: list[int],
-                 total_wrong: int) -> Figure:
+                 total_wrong: int, classes: tuple[str, ...] = CLASSES) -> Figure:
     cols = 6
     rows = max(1, -(-len(shown) // cols))
     fig = Figure(figsize=(cols * 2.1, rows * 2.5), layout="constrained")
@@ -260,7 +261,7 @@ def plot_gallery(images: torch.Tensor, labels: torch.Tensor, probs: torch.Tensor
     for ax, i in zip(axes.flat, shown, strict=False):  # the last row may be short
         pred = int(probs[i].argmax())
         ax.imshow(_image(images, i), interpolation="nearest")
-        ax.set_title(f"true: {CLASSES[labels[i]]}\npredicted: {CLASSES[pred]}\nconfidence {probs[i, pred]:.0%}",
+        ax.set_title(f"true: {classes[labels[i]]}\npredicted: {classes[pred]}\nconfidence {probs[i, pred]:.0%}",
                      fontsize=10)
     if not shown:
         axes[0, 0].text(0, 0.5, "No misclassified test images.", fontsize=14)
@@ -268,18 +269,18 @@ def plot_gallery(images: torch.Tensor, labels: torch.Tensor, probs: torch.Tensor
     return fig
 
 
-def plot_confusion(confusion: np.ndarray) -> Figure:
+def plot_confusion(confusion: np.ndarray, classes: tuple[str, ...] = CLASSES) -> Figure:
     fig = Figure(figsize=(9.5, 8), layout="constrained")
     ax = fig.subplots()
     im = ax.imshow(confusion, cmap="Blues")
     fig.colorbar(im, ax=ax, shrink=0.8, label="test images")
     threshold = confusion.max() / 2
-    for t in range(len(CLASSES)):
-        for p in range(len(CLASSES)):
+    for t in range(len(classes)):
+        for p in range(len(classes)):
             ax.text(p, t, f"{confusion[t, p]:d}", ha="center", va="center", fontsize=9,
                     color="white" if confusion[t, p] > threshold else "black")
-    ax.set_xticks(range(len(CLASSES)), CLASSES, rotation=45, ha="right")
-    ax.set_yticks(range(len(CLASSES)), CLASSES)
+    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
+    ax.set_yticks(range(len(classes)), classes)
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class")
     ax.spines[:].set_visible(False)
@@ -289,15 +290,15 @@ def plot_confusion(confusion: np.ndarray) -> Figure:
     return fig
 
 
-def plot_per_class(confusion: np.ndarray) -> Figure:
+def plot_per_class(confusion: np.ndarray, classes: tuple[str, ...] = CLASSES) -> Figure:
     per_class = 100 * np.diag(confusion) / np.maximum(confusion.sum(1), 1)
     overall = 100 * np.trace(confusion) / max(confusion.sum(), 1)
     fig = Figure(figsize=(9, 5.5), layout="constrained")
     ax = fig.subplots()
-    bars = ax.barh(range(len(CLASSES)), per_class, color="tab:blue")
+    bars = ax.barh(range(len(classes)), per_class, color="tab:blue")
     ax.bar_label(bars, [f"{v:.1f}%" for v in per_class], padding=3, fontsize=10)
     ax.axvline(overall, color="tab:red", linestyle="--")
-    ax.set_yticks(range(len(CLASSES)), CLASSES)
+    ax.set_yticks(range(len(classes)), classes)
     ax.invert_yaxis()
     ax.set_xlim(0, 108)
     ax.set_xlabel("test accuracy (%)")
@@ -305,32 +306,76 @@ def plot_per_class(confusion: np.ndarray) -> Figure:
     return fig
 
 
-def plot_augmentations(images: torch.Tensor, labels: torch.Tensor, aug: AugmentConfig, mean: list[float],
-                       std: list[float], draws: int = 7, seed: int = 0) -> Figure:
-    """Each row one training image: the original, then ``draws`` independent augmentations."""
+def policy_draws(images: torch.Tensor, aug: AugmentConfig, mean: list[float], std: list[float], draws: int,
+                 seed: int = 0) -> list[torch.Tensor]:
+    """``draws`` independent passes of the batched policy over uint8 images, as 0..1 images."""
     m = torch.tensor(mean).view(1, -1, 1, 1)
     s = torch.tensor(std).view(1, -1, 1, 1)
     x = (to_unit_float(images) - m) / s
     g = torch.Generator().manual_seed(seed)
-    columns = [images.float() / 255] + [(augment(x, aug, g) * s + m).clamp(0, 1) for _ in range(draws)]
+    return [(augment(x, aug, g) * s + m).clamp(0, 1) for _ in range(draws)]
+
+
+def pipeline_draws(images: torch.Tensor, pipeline, draws: int, seed: int = 0) -> list[torch.Tensor]:
+    """``draws`` independent passes of an albumentations pipeline over uint8 images, as 0..1 images."""
+    pipeline.set_random_seed(seed)
+    return [to_unit_float(torch.stack([torch.from_numpy(pipeline(image=to_hwc(img))["image"]).permute(2, 0, 1)
+                                       for img in images])) for _ in range(draws)]
+
+
+def plot_augmentations(images: torch.Tensor, labels: torch.Tensor, blocks: list[tuple[str, list[torch.Tensor]]],
+                       title: str, classes: tuple[str, ...] = CLASSES) -> Figure:
+    """Each row one training image: the original, then independent draws of each augmentation
+    backend in ``blocks`` ((name, draws) pairs), side by side, so the backends can be compared."""
+    columns = [("original", images.float() / 255)] + [
+        (f"{name} {i + 1}", draw) for name, draws in blocks for i, draw in enumerate(draws)]
     rows = len(images)
-    fig = Figure(figsize=((draws + 1) * 1.45, rows * 1.55), layout="constrained")
-    axes = fig.subplots(rows, draws + 1, squeeze=False)
+    fig = Figure(figsize=(len(columns) * 1.45, rows * 1.55 + 0.6), layout="constrained")
+    axes = fig.subplots(rows, len(columns), squeeze=False)
     for r in range(rows):
-        for c, batch in enumerate(columns):
+        for c, (name, batch) in enumerate(columns):
             ax = axes[r, c]
             ax.imshow(_image(batch, r), interpolation="nearest")
             _bare(ax)
             if r == 0:
-                ax.set_title("original" if c == 0 else f"draw {c}", fontsize=10)
-        axes[r, 0].set_ylabel(CLASSES[labels[r]], fontsize=10)
-    fig.suptitle(f"Training augmentation, policy '{aug.policy}'\n{textwrap.fill(describe_policy(aug), 90)}",
-                 fontsize=12)
+                ax.set_title(name, fontsize=9)
+        axes[r, 0].set_ylabel(classes[labels[r]], fontsize=10)
+    fig.suptitle(title, fontsize=12)
     return fig
 
 
+def augmentation_figure(images: torch.Tensor, labels: torch.Tensor, config: dict[str, Any], mean: list[float],
+                        std: list[float], classes: tuple[str, ...] = CLASSES) -> tuple[Figure, str]:
+    """The run's augmentation on a few training images, and a caption: its own pipeline file when it
+    trained with one; else the batched policy beside the same policy run by albumentations (when
+    installed and the policy can be written as a pipeline), the same images through both."""
+    aug = aug_config(config)
+    if config.get("aug_pipeline"):
+        from .data.pipeline import PipelineError, load_pipeline
+
+        try:
+            pipeline = load_pipeline(config["aug_pipeline"], images)
+        except PipelineError as e:
+            raise CheckpointError(str(e)) from None
+        blocks = [("pipeline", pipeline_draws(images, pipeline, 7))]
+        text = f"the run's albumentations pipeline {config['aug_pipeline']}"
+        return plot_augmentations(images, labels, blocks, f"Training augmentation: {text}", classes), text
+    blocks = [("batched", policy_draws(images, aug, mean, std, 4))]
+    text = f"policy '{aug.policy}': {describe_policy(aug)}"
+    try:
+        from .data.pipeline import PipelineError, policy_pipeline
+
+        pipeline = policy_pipeline(aug, tuple(255 * m for m in mean), images.shape[-1])
+        blocks.append(("albumentations", pipeline_draws(images, pipeline, 4)))
+        text += "; left the batched version on the training device, right the same policy through albumentations"
+    except PipelineError:  # not installed, or a policy it cannot express
+        pass
+    return plot_augmentations(images, labels, blocks, "Training augmentation\n" + textwrap.fill(text, 100),
+                              classes), text
+
+
 def plot_gradcam(images: torch.Tensor, labels: torch.Tensor, preds: torch.Tensor, cam_pred: torch.Tensor,
-                 cam_true: torch.Tensor, layer: str, mistakes: bool) -> Figure:
+                 cam_true: torch.Tensor, layer: str, mistakes: bool, classes: tuple[str, ...] = CLASSES) -> Figure:
     n = len(images)
     fig = Figure(figsize=(n * 1.75 + 1.2, 6.2), layout="constrained")
     axes = fig.subplots(3, n, squeeze=False)
@@ -345,7 +390,7 @@ def plot_gradcam(images: torch.Tensor, labels: torch.Tensor, preds: torch.Tensor
             _bare(ax)
             if c == 0:
                 ax.set_ylabel(label, fontsize=10)
-        axes[0, c].set_title(f"true: {CLASSES[labels[c]]}\npred: {CLASSES[preds[c]]}", fontsize=9.5)
+        axes[0, c].set_title(f"true: {classes[labels[c]]}\npred: {classes[preds[c]]}", fontsize=9.5)
     scale = matplotlib.cm.ScalarMappable(matplotlib.colors.Normalize(0, 1), cmap="jet")
     fig.colorbar(scale, ax=axes[1:, :].ravel().tolist(), shrink=0.9, label="relative importance")
     kind = "misclassified" if mistakes else "correctly classified (there are no mistakes)"
@@ -444,7 +489,8 @@ def evaluate_run(run_dir: str | Path, data: str | Path | None = None, model: str
 
 
 def mistakes_figure(ev: RunEvaluation, count: int = GALLERY) -> Figure:
-    return plot_gallery(ev.test.images, ev.test.labels, ev.probs, ev.wrong[:count].tolist(), len(ev.wrong))
+    return plot_gallery(ev.test.images, ev.test.labels, ev.probs, ev.wrong[:count].tolist(), len(ev.wrong),
+                        classes_of(ev.state))
 
 
 def gradcam_figure(ev: RunEvaluation, cam_layer: str | None = None) -> tuple[Figure, str, nn.Module, tuple]:
@@ -462,7 +508,7 @@ def gradcam_figure(ev: RunEvaluation, cam_layer: str | None = None) -> tuple[Fig
     cam_pred = upsample_cam(grad_cam(ev.model, module, x, preds[cam_idx]))
     cam_true = upsample_cam(grad_cam(ev.model, module, x, labels[cam_idx]))
     fig = plot_gradcam(ev.test.images[cam_idx], labels[cam_idx], preds[cam_idx], cam_pred, cam_true, layer,
-                       bool(len(ev.wrong)))
+                       bool(len(ev.wrong)), classes_of(ev.state))
     return fig, layer, module, shape
 
 
@@ -477,7 +523,9 @@ def write_report(run_dir: str | Path, data: str | Path | None = None, model: str
     ev = evaluate_run(run_dir, data, model, allow_changed_source)
     checkpoint, state, config, preds, labels = ev.checkpoint, ev.state, ev.config, ev.preds, ev.test.labels
     history = read_history(run_dir, state)
-    confusion = torch.bincount(labels * 10 + preds, minlength=100).view(10, 10).numpy()
+    classes = classes_of(state)
+    n = len(classes)
+    confusion = torch.bincount(labels * n + preds, minlength=n * n).view(n, n).numpy()
 
     aug = aug_config(config)
     train_split = run_split(config, train=True, data=data)
@@ -487,6 +535,8 @@ def write_report(run_dir: str | Path, data: str | Path | None = None, model: str
     trained_in = run_precision(run_dir)
     with matplotlib.rc_context(STYLE):
         cam_figure, layer, module, shape = gradcam_figure(ev, cam_layer)
+        aug_figure, aug_text = augmentation_figure(train_split.images[pick], train_split.labels[pick], config,
+                                                   state["mean"], state["std"], classes)
         figures = [
             ("curves.png", "Learning curves",
              "Loss and accuracy per epoch, as in metrics.csv. Training numbers are measured on augmented "
@@ -498,16 +548,13 @@ def write_report(run_dir: str | Path, data: str | Path | None = None, model: str
              "of the predicted class.", mistakes_figure(ev)),
             ("confusion_matrix.png", "Confusion matrix",
              "Rows are true classes, columns predicted classes; off-diagonal cells show which classes are "
-             "confused with which.", plot_confusion(confusion)),
+             "confused with which.", plot_confusion(confusion, classes)),
             ("per_class_accuracy.png", "Per-class accuracy",
              "Share of each class's test images classified correctly; the dashed line is the overall accuracy.",
-             plot_per_class(confusion)),
+             plot_per_class(confusion, classes)),
             ("augmentations.png", "Augmented training samples",
-             f"Six training images (first column) and seven independent draws of the run's policy "
-             f"<b>{html.escape(aug.policy)}</b>: {html.escape(describe_policy(aug))}. Images are un-normalized "
-             "for display; erased holes are filled with the dataset's mean colour.",
-             plot_augmentations(train_split.images[pick], train_split.labels[pick], aug, state["mean"],
-                                state["std"])),
+             f"Six training images (first column) and independent draws of {html.escape(aug_text)}. Images are "
+             "un-normalized for display; erased holes are filled with the dataset's mean colour.", aug_figure),
             ("gradcam.png", "Grad-CAM",
              f"Grad-CAM (gradient-weighted class activation maps) on layer <code>{html.escape(layer)}</code> "
              f"({html.escape(type(module).__name__)}, output {shape[0]} channels at {shape[1]}x{shape[2]}): "

@@ -41,12 +41,14 @@ def writer_class():
 
 class TensorBoardLog:
     def __init__(self, run_dir: Path, cfg: TrainConfig, train_split: Split, mean: list[float], std: list[float]):
-        from .report import plot_augmentations
+        from .report import augmentation_figure
 
         self.writer = writer_class()(log_dir=str(Path(run_dir) / "tensorboard"))
+        self.classes = train_split.classes
         self.writer.add_text("config", "```json\n" + json.dumps(cfg.to_dict(), indent=2) + "\n```")
         pick = torch.randperm(len(train_split), generator=torch.Generator().manual_seed(0))[:6]
-        grid = plot_augmentations(train_split.images[pick], train_split.labels[pick], cfg.aug, mean, std)
+        grid, _ = augmentation_figure(train_split.images[pick], train_split.labels[pick], cfg.to_dict(), mean, std,
+                                      train_split.classes)
         self.writer.add_image("augmented samples", _pixels(grid), 0, dataformats="HWC")
 
     def step(self, step: int, loss: float, lr: float) -> None:
@@ -60,7 +62,7 @@ class TensorBoardLog:
         for split in ("train", "test"):
             self.writer.add_scalar(f"{split}/loss", row[f"{split}_loss"], epoch)
             self.writer.add_scalar(f"{split}/accuracy", row[f"{split}_acc"], epoch)
-        self.writer.add_image("confusion matrix", _pixels(plot_confusion(confusion.numpy())), epoch,
+        self.writer.add_image("confusion matrix", _pixels(plot_confusion(confusion.numpy(), self.classes)), epoch,
                               dataformats="HWC")
         self.writer.flush()
 

@@ -13,6 +13,7 @@ and writes files.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import math
@@ -39,6 +40,7 @@ from .checkpoint import (
 )
 from .config import ConfigError, TrainConfig
 from .data import DatasetError, Split, load_cifar10, synthetic_cifar10
+from .data.folders import load_image_folders
 from .data.loader import DeviceLoader, channel_stats
 from .evaluate import autocast_context, evaluate
 from .models import ModelError, ModelSource, build_model, count_params, init_whitening
@@ -298,6 +300,8 @@ def prepare_run_dir(cfg: TrainConfig) -> Path:
 
 
 def load_data(cfg: TrainConfig) -> tuple[Split, Split]:
+    if cfg.dataset == "folder":
+        return load_image_folders(cfg.data, cfg.image_size, cfg.strict, quiet=cfg.quiet)
     if cfg.dataset == "synthetic":
         return synthetic_cifar10(cfg.synthetic_size, max(cfg.synthetic_size // 4, 10), seed=cfg.seed)
     return load_cifar10(cfg.data, verify_md5=not cfg.allow_modified, download=cfg.download)
@@ -322,10 +326,11 @@ def model_kwargs(cfg: TrainConfig) -> dict[str, Any]:
 def build_network(cfg: TrainConfig, model: nn.Module | None = None) -> tuple[nn.Module, ModelSource]:
     """The run's network: ``model`` when the Python API was handed one, else the one ``cfg.model``
     names, checked to map the batches this recipe feeds it (low-resolution epochs included)."""
-    network, source = build_model(model if model is not None else cfg.model, model_kwargs(cfg))
+    network, source = build_model(model if model is not None else cfg.model, model_kwargs(cfg),
+                                  cfg.model_kwargs.get("num_classes", 10), cfg.image_size)
     if cfg.low_res and int(cfg.low_res_fraction * cfg.epochs) > 0:
         try:
-            check_output(network, f"--model {source.spec}", input_size=cfg.low_res)
+            check_output(network, f"--model {source.spec}", cfg.model_kwargs.get("num_classes", 10), cfg.low_res)
         except ModelError as e:
             raise ModelError(f"{e}; the {cfg.preset} preset trains its first epochs at {cfg.low_res}x{cfg.low_res}: "
                              "pass --set low_res=0 to train at 32x32 only") from None
@@ -339,6 +344,7 @@ def train(cfg: TrainConfig, data: tuple[Split, Split] | None = None, model: nn.M
     ``on_epoch(epoch, test_accuracy)`` is called after each epoch's checkpoint (a sweep reports to
     its pruner there, and may stop the run by raising).
     """
+    cfg = dataclasses.replace(cfg)  # prepare() may set model_kwargs.num_classes; the caller's config stays
     env = init_distributed(cfg.device)
     threads = torch.get_num_threads()
     try:
@@ -372,6 +378,7 @@ class Run:
     test_loader: DeviceLoader
     mean: list[float]
     std: list[float]
+    classes: tuple[str, ...]
     history: list[dict[str, Any]] = field(default_factory=list)
     start_epoch: int = 0
     train_seconds: float = 0.0
@@ -404,7 +411,7 @@ class Run:
             "ema_state": ema.module.state_dict() if ema is not None else None,
             "ema_full_state": ema.state_dict() if ema is not None else None,
             "config": self.cfg.to_dict(), "mean": self.mean, "std": self.std, "history": self.history,
-            "params": self.params,
+            "params": self.params, "classes": list(self.classes),
         }
 
 
@@ -452,6 +459,8 @@ def prepare(cfg: TrainConfig, env: DistEnv, data: tuple[Split, Split] | None = N
     if cfg.batch_size % env.world_size:
         raise ConfigError(f"--batch-size {cfg.batch_size}: must be divisible by the {env.world_size} processes")
     train_split, test_split = data if data is not None else rank0_first(env, lambda: load_data(cfg))
+    if len(train_split.classes) != 10 and "num_classes" not in cfg.model_kwargs:  # the network follows the data
+        cfg.model_kwargs = {**cfg.model_kwargs, "num_classes": len(train_split.classes)}
     mean, std = channel_stats(train_split.images)
     torch.manual_seed(cfg.seed)
     model, source = build_network(cfg, model)
@@ -507,7 +516,8 @@ def setup(cfg: TrainConfig, env: DistEnv, data: tuple[Split, Split] | None = Non
     if cfg.compile:
         net = torch.compile(net)
     run = Run(cfg, env, device, p.precision, run_dir, model, net, ema, p.source, build_optimizer(model, cfg),
-              nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing), p.train_loader, test_loader, mean, std)
+              nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing), p.train_loader, test_loader, mean, std,
+              p.train_split.classes)
     resumed = cfg.resume and restore(run, load_checkpoint(run_dir / "last.pt"))
     announce(run, len(p.train_split), len(p.test_split), resumed)
     if cfg.tensorboard and env.is_main:

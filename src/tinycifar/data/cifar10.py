@@ -57,10 +57,11 @@ class DatasetError(Exception):
 
 @dataclass
 class Split:
-    """One split held in memory: uint8 images (N, 3, 32, 32) and int64 labels (N,)."""
+    """One split held in memory: uint8 images (N, 3, H, W), int64 labels (N,) and the class names."""
 
     images: torch.Tensor
     labels: torch.Tensor
+    classes: tuple[str, ...] = CLASSES
 
     def __len__(self) -> int:
         return len(self.labels)

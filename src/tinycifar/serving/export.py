@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 import platform
 import tempfile
@@ -31,6 +32,7 @@ import numpy as np
 import torch
 
 from ..config import ConfigError
+from ..data import classes_of, image_size_of
 from .inference import NormalizedNet, load_inference_model, run_split, to_unit_float
 
 FORMATS = ("onnx", "onnx-int8", "torchscript")
@@ -52,13 +54,13 @@ def _quiet():
         logger.setLevel(level)
 
 
-def export_onnx(model: NormalizedNet, out: str | Path) -> str:
+def export_onnx(model: NormalizedNet, out: str | Path, size: int = 32) -> str:
     """fp32 ONNX with a dynamic batch axis; returns which exporter produced it.
 
     The torch.export-based (dynamo) exporter comes first; the TorchScript-based one is the
     fallback for a torch where the first fails.
     """
-    example = torch.rand(2, 3, 32, 32)
+    example = torch.rand(2, 3, size, size)
     with _quiet():
         try:
             torch.onnx.export(model, (example,), str(out), dynamo=True, opset_version=OPSET,
@@ -73,11 +75,29 @@ def export_onnx(model: NormalizedNet, out: str | Path) -> str:
             return "torchscript-based"
 
 
-def export_torchscript(model: NormalizedNet, out: str | Path) -> None:
-    """Traced (the networks have no data-dependent control flow); load with ``torch.jit.load``."""
+def export_torchscript(model: NormalizedNet, out: str | Path, metadata: dict[str, str] | None = None,
+                       size: int = 32) -> None:
+    """Traced (the networks have no data-dependent control flow); load with ``torch.jit.load``.
+    ``metadata`` is stored as extra files (``_extra_files`` of ``torch.jit.load``)."""
     with _quiet():
-        traced = torch.jit.trace(model, torch.rand(2, 3, 32, 32))
-    traced.save(str(out))
+        traced = torch.jit.trace(model, torch.rand(2, 3, size, size))
+    traced.save(str(out), _extra_files=metadata or {})
+
+
+def model_metadata(state: dict) -> dict[str, str]:
+    """What a deployed model needs beside its weights: the class names and the input side."""
+    return {"classes": json.dumps(list(classes_of(state))), "image_size": str(image_size_of(state)),
+            "input": "float RGB in 0..1, NCHW", "network": str(state.get("model"))}
+
+
+def add_onnx_metadata(path: str | Path, metadata: dict[str, str]) -> None:
+    import onnx
+
+    proto = onnx.load(str(path))
+    for key, value in metadata.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.save(proto, str(path))
 
 
 def calibration_images(config: dict, count: int = 512, data: str | Path | None = None,
@@ -133,10 +153,11 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, fmt: str = "onnx"
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "torchscript":
-        export_torchscript(model, out)
+        export_torchscript(model, out, model_metadata(state), image_size_of(state))
     else:
         write_onnx(model, state["config"], out, int8=fmt == "onnx-int8", data=data,
                    calibration_count=calibration_count)
+        add_onnx_metadata(out, model_metadata(state))
     return out
 
 
@@ -144,10 +165,10 @@ def write_onnx(model: NormalizedNet, config: dict, out: str | Path, int8: bool =
                data: str | Path | None = None, calibration_count: int = 512) -> None:
     """The ONNX model at ``out``: fp32, or int8 calibrated on the run's training images (``config``)."""
     if not int8:
-        export_onnx(model, out)
+        export_onnx(model, out, int(config.get("image_size", 32)))
         return
     images = calibration_images(config, calibration_count, data)
     with tempfile.TemporaryDirectory() as tmp:
         fp32 = Path(tmp) / "fp32.onnx"
-        export_onnx(model, fp32)
+        export_onnx(model, fp32, int(config.get("image_size", 32)))
         quantize_int8(fp32, out, images)

@@ -55,6 +55,11 @@ def run_split(config: dict[str, Any], train: bool, data: str | Path | None = Non
     ``train.load_data`` (a test checks that they agree). For CIFAR-10 the folder is ``data``,
     else the run's own ``data`` when it exists, else $CIFAR10_ROOT. Nothing is downloaded.
     """
+    if config.get("dataset") == "folder":
+        from ..data.folders import load_image_folders
+
+        splits = load_image_folders(data or config["data"], int(config.get("image_size", 32)), quiet=True)
+        return splits[0] if train else splits[1]
     if config.get("dataset") == "synthetic":
         size = int(config.get("synthetic_size", 2000))
         train_split, test_split = synthetic_cifar10(size, max(size // 4, 10), seed=int(config.get("seed", 0)))

@@ -38,16 +38,16 @@ from PIL import Image
 
 from ..checkpoint import CheckpointError, load_checkpoint, recorded_source
 from ..config import ConfigError
-from ..data import CLASSES, Split
+from ..data import CLASSES, Split, classes_of, image_size_of
+from ..data.images import ImageLoadError, load_image
 from ..models.registry import ModelError, parse_spec, resolve, sha256_of
 from ..models.summary import model_summary
 from ..report import find_gradcam_layer, grad_cam, read_history, upsample_cam
 from .engines import MicroBatcher, OnnxEngine, TorchEngine
 from .inference import NormalizedNet, inference_model, run_split, to_unit_float
-from .predict import ImageLoadError, load_image
 
 STATIC = Path(__file__).with_name("static")
-MAX_TOP_K = len(CLASSES)
+MAX_TOP_K = 100  # asked for more than a model's classes, a request gets them all
 
 
 @dataclass
@@ -61,6 +61,8 @@ class ServedModel:
     test: Split | None = None
     test_probs: torch.Tensor | None = None  # softmax of every test image, for the gallery
     mistakes: list[int] = field(default_factory=list)  # test indices, most confident first
+    classes: tuple[str, ...] = CLASSES
+    image_size: int = 32
 
 
 # ---------------------------------------------------------------------------- loading
@@ -132,11 +134,12 @@ def load_served_model(checkpoint: str | Path, specs: list[str], engine: str = "p
         "receptive_field": summary["receptive_field"], "checkpoint": str(checkpoint),
         "epoch": state.get("epoch"), "preset": config.get("preset"), "dataset": config.get("dataset", "cifar10"),
         "engine": runner.name, "gradcam_layer": f"{layer} ({shape[0]}x{shape[1]}x{shape[2]})",
-        "classes": list(CLASSES), "test_accuracy": None, "per_class_accuracy": None,
+        "classes": list(classes_of(state)), "test_accuracy": None, "per_class_accuracy": None,
         "history": [{k: h.get(k) for k in ("epoch", "train_loss", "test_loss", "train_acc", "test_acc")}
                     for h in read_history(checkpoint.parent, state)],
     }
-    served = ServedModel(name, checkpoint, model, batcher, layer, card)
+    served = ServedModel(name, checkpoint, model, batcher, layer, card, classes=classes_of(state),
+                         image_size=image_size_of(state))
     try:
         served.test = run_split(config, train=False, data=data)
     except Exception as e:  # noqa: BLE001 - no test set: the page works without its gallery
@@ -147,7 +150,7 @@ def load_served_model(checkpoint: str | Path, specs: list[str], engine: str = "p
     right = preds == labels
     card["test_accuracy"] = round(100 * right.float().mean().item(), 2)
     card["per_class_accuracy"] = {c: round(100 * right[labels == i].float().mean().item(), 2)
-                                  for i, c in enumerate(CLASSES) if (labels == i).any()}
+                                  for i, c in enumerate(served.classes) if (labels == i).any()}
     card["test_set"] = f"{len(labels):,} images"
     wrong = (~right).nonzero().flatten()
     served.mistakes = wrong[probs[wrong, preds[wrong]].argsort(descending=True)].tolist()
@@ -158,9 +161,9 @@ def load_served_model(checkpoint: str | Path, specs: list[str], engine: str = "p
 # ---------------------------------------------------------------------------- predictions
 
 
-def top_k(probs: torch.Tensor, k: int) -> list[dict[str, Any]]:
-    values, indices = probs.topk(k)
-    return [{"label": CLASSES[i], "index": i, "prob": round(float(v), 6)}
+def top_k(probs: torch.Tensor, k: int, classes: tuple[str, ...]) -> list[dict[str, Any]]:
+    values, indices = probs.topk(min(k, len(classes)))
+    return [{"label": classes[i], "index": i, "prob": round(float(v), 6)}
             for v, i in zip(values.tolist(), indices.tolist(), strict=True)]
 
 
@@ -172,7 +175,7 @@ def cams(served: ServedModel, images: torch.Tensor, targets: torch.Tensor) -> to
 async def predict_images(served: ServedModel, names: list[str], images: torch.Tensor, k: int,
                          gradcam: bool) -> list[dict[str, Any]]:
     probs = (await served.batcher.logits(images)).softmax(1)
-    results = [{"filename": n, "top": top_k(p, k), "input_png": image_png(x)}
+    results = [{"filename": n, "top": top_k(p, k, served.classes), "input_png": image_png(x)}
                for n, p, x in zip(names, probs, images, strict=True)]
     if gradcam:
         maps = await served.batcher.run(cams, served, images, probs.argmax(1))
@@ -181,11 +184,11 @@ async def predict_images(served: ServedModel, names: list[str], images: torch.Te
     return results
 
 
-def decode(data: bytes) -> torch.Tensor:
+def decode(data: bytes, size: int = 32) -> torch.Tensor:
     """One upload as the network's input; ImageLoadError names what is wrong."""
     if not data:
         raise ImageLoadError("empty file")
-    return load_image(io.BytesIO(data))
+    return load_image(io.BytesIO(data), size)
 
 
 # ---------------------------------------------------------------------------- the app
@@ -290,8 +293,9 @@ def create_app(models: list[ServedModel], max_upload_mb: float = 8.0):
         indices = m.mistakes if view == "mistakes" else range(len(m.test))
         chosen = list(indices[offset : offset + limit])
         probs, test = m.test_probs, m.test
-        items = [{"index": i, "label": CLASSES[int(test.labels[i])], "png": image_png(to_unit_float(test.images[i])),
-                  "predicted": CLASSES[int(probs[i].argmax())], "prob": round(float(probs[i].max()), 4)}
+        names = m.classes
+        items = [{"index": i, "label": names[int(test.labels[i])], "png": image_png(to_unit_float(test.images[i])),
+                  "predicted": names[int(probs[i].argmax())], "prob": round(float(probs[i].max()), 4)}
                  for i in chosen]
         return {"model": m.name, "view": view, "total": len(indices), "offset": offset, "items": items}
 
@@ -305,7 +309,7 @@ def create_app(models: list[ServedModel], max_upload_mb: float = 8.0):
             name = upload.filename or "upload"
             data = await upload.read()
             try:
-                images.append(await asyncio.to_thread(decode, data))
+                images.append(await asyncio.to_thread(decode, data, m.image_size))
                 names.append(name)
             except ImageLoadError as e:
                 errors.append({"filename": name, "error": f"{name}: {e}"})
@@ -323,7 +327,7 @@ def create_app(models: list[ServedModel], max_upload_mb: float = 8.0):
             raise HTTPException(404, f"no test image {index}")
         image = to_unit_float(m.test.images[index : index + 1])
         results = await predict_images(m, [f"test image #{index}"], image, top_k, gradcam)
-        results[0]["true_label"] = CLASSES[int(m.test.labels[index])]
+        results[0]["true_label"] = m.classes[int(m.test.labels[index])]
         return {"model": m.name, "results": results, "errors": []}
 
     return app
