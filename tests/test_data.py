@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import builtins
+import codecs
 import hashlib
 import io
 import os
@@ -46,7 +47,8 @@ def _evil_batch(kind: str, target: pathlib.Path, protocol: int) -> bytes:
 
 
 # (callable, pickle protocol); protocol 2 is the originals', and cannot name a method like Path.touch
-EVIL_CASES = [("exec", 2), ("eval", 2), ("os.system", 2), ("exec", 4), ("eval", 4), ("os.system", 4), ("Path.touch", 4)]
+EVIL_CASES = [("exec", 2), ("eval", 2), ("os.system", 2), ("exec", 4), ("eval", 4), ("os.system", 4), ("Path.touch", 4),
+              ("exec", 5), ("os.system", 5), ("Path.touch", 5)]
 
 
 @pytest.mark.parametrize("kind, protocol", EVIL_CASES)
@@ -65,6 +67,51 @@ def test_crafted_batch_is_refused_and_runs_nothing(tmp_path, kind, protocol):
     assert str(batch) in msg
     assert "refused global" in msg
     assert not target.exists()
+
+
+@pytest.mark.parametrize("protocol", [2, 3, 4, 5])
+def test_batches_resaved_by_python3_load(tmp_path, protocol):
+    """Re-saving the official dicts from Python 3 is ordinary: protocol 2 writes bytes through
+    _codecs.encode, protocol 5 writes arrays through numpy's _frombuffer; both still build only
+    arrays and containers."""
+    rng = np.random.default_rng(protocol)
+    raw = {b"batch_label": b"training batch 1 of 5", b"labels": rng.integers(0, 10, 7).tolist(),
+           b"data": rng.integers(0, 256, (7, 3072), dtype=np.uint8), b"filenames": [b"x_%d.png" % i for i in range(7)]}
+    path = tmp_path / "data_batch_1"
+    path.write_bytes(pickle.dumps(raw, protocol=protocol))
+    loaded = data.safe_load_batch(path)
+    assert np.array_equal(loaded["data"], raw[b"data"]) and loaded["labels"] == raw[b"labels"]
+    assert loaded["batch_label"] == raw[b"batch_label"] and loaded["filenames"] == raw[b"filenames"]
+
+
+class _Reduce:
+    def __init__(self, fn, args):
+        self.fn, self.args = fn, args
+
+    def __reduce__(self):
+        return self.fn, self.args
+
+
+@pytest.mark.parametrize("payload, fragment", [
+    (_Reduce(codecs.encode, ("abc", "rot13")), "_codecs.encode is admitted only"),
+    (_Reduce(codecs.encode, (b"abc", "base64")), "_codecs.encode is admitted only"),
+])
+def test_admitted_helpers_refuse_anything_else(tmp_path, payload, fragment):
+    path = tmp_path / "data_batch_1"
+    path.write_bytes(pickle.dumps({b"data": payload, b"labels": [0]}, protocol=4))
+    with pytest.raises(DatasetError, match=fragment):
+        data.safe_load_batch(path)
+
+
+def test_out_of_band_protocol5_buffers_are_refused(tmp_path):
+    array = np.zeros((2, 3072), np.uint8)
+    buffers = []
+    blob = pickle.dumps({b"data": array, b"labels": [0, 1]}, protocol=5, buffer_callback=buffers.append)
+    assert buffers  # the array's bytes are not in the file
+    path = tmp_path / "data_batch_1"
+    path.write_bytes(blob)
+    with pytest.raises(DatasetError, match=str(path)):
+        data.safe_load_batch(path)
 
 
 def test_crafted_batch_is_refused_by_load_split(py_tree, tmp_path):

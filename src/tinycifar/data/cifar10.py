@@ -138,20 +138,42 @@ def _scalar(dtype: object, raw: object = b"") -> np.generic:
     return _array_from_bytes(dtype, raw, ())[()]
 
 
-_STAND_INS = {"_reconstruct": _ArrayStub, "ndarray": _ArrayStub, "dtype": _DtypeStub, "scalar": _scalar}
+def _latin1_bytes(text: object, encoding: object = "utf-8") -> bytes:
+    """``_codecs.encode`` as Python 3 writes bytes at protocol 2 (``encode(str, 'latin1')``), and nothing else."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError("_codecs.encode is admitted only to turn a str into latin-1 bytes")
+    return text.encode("latin1")
+
+
+def _frombuffer(buf: object, dtype: object, shape: object, order: object = "C") -> np.ndarray:
+    """numpy's protocol-5 array constructor, with the checks of ``_ArrayStub`` (in-band buffers only)."""
+    if not isinstance(buf, (bytes, bytearray)) or not isinstance(dtype, _DtypeStub) or order not in ("C", "F"):
+        raise pickle.UnpicklingError("malformed protocol-5 array")
+    if not (isinstance(shape, tuple) and all(type(d) is int and 0 <= d < 2**31 for d in shape)):
+        raise pickle.UnpicklingError(f"malformed array shape {shape!r}")
+    return _array_from_bytes(dtype, bytes(buf), shape, order=order)
+
+
+_NUMPY_STAND_INS = {"_reconstruct": _ArrayStub, "ndarray": _ArrayStub, "dtype": _DtypeStub, "scalar": _scalar}
 _NUMPY_MODULES = {"numpy", "numpy.core.multiarray", "numpy._core.multiarray"}
+# what re-saving the batches from Python 3 adds: protocol 2 writes bytes through _codecs.encode,
+# protocol 5 writes arrays through numpy's _frombuffer
+_OTHER_STAND_INS = {("_codecs", "encode"): _latin1_bytes, ("numpy.core.numeric", "_frombuffer"): _frombuffer,
+                    ("numpy._core.numeric", "_frombuffer"): _frombuffer}
 
 
 class SafeUnpickler(pickle.Unpickler):
     """Admits dicts, lists, bytes, str, numbers and numpy arrays and scalars of plain dtypes.
 
-    numpy's globals are replaced by validating stand-ins, so neither foreign code nor
-    numpy's unchecked reconstruction runs on the file's bytes.
+    numpy's globals (and ``_codecs.encode`` for protocol-2 bytes) are replaced by validating
+    stand-ins, so neither foreign code nor numpy's unchecked reconstruction runs on the file's bytes.
     """
 
     def find_class(self, module: str, name: str):
-        if module in _NUMPY_MODULES and name in _STAND_INS:
-            return _STAND_INS[name]
+        if module in _NUMPY_MODULES and name in _NUMPY_STAND_INS:
+            return _NUMPY_STAND_INS[name]
+        if (module, name) in _OTHER_STAND_INS:
+            return _OTHER_STAND_INS[module, name]
         raise pickle.UnpicklingError(f"refused global {module}.{name}: not part of a CIFAR-10 batch")
 
 
@@ -418,8 +440,6 @@ def save_py_batch(path: Path, images: torch.Tensor, labels: torch.Tensor) -> Non
     raw = {b"batch_label": b"tinycifar", b"labels": labels.tolist(),
            b"data": images.reshape(len(labels), -1).numpy(), b"filenames": [b"x.png"] * len(labels)}
     buf = io.BytesIO()
-    # Protocol 4, not the originals' 2: from Python 3, protocol 2 pickles bytes through
-    # _codecs.encode, a global SafeUnpickler refuses, so safe_load_batch could not read them.
     pickle.dump(raw, buf, protocol=4)
     path.write_bytes(buf.getvalue())
 
