@@ -1,0 +1,191 @@
+"""Where a training step of a preset spends its time, and how close it runs to the CPU's bf16 peak.
+
+One step as the preset trains it (its network with the whitening stem, batch, bf16 autocast,
+channels_last, its augmentation), profiled with ``torch.profiler`` over a few steps after warm-up.
+Operators are grouped by what they are for: convolutions by kind (full, strided, dilated,
+depthwise, pointwise) and pass (forward, backward), batch norm, activations, optimizer,
+augmentation, the rest. The achieved rate counts 3 x 2 x the network's forward MACs per image
+(forward, and a backward that costs twice the forward) against two peaks: the theoretical one
+(cores x clock x 128 bf16 FLOP per cycle: two 512-bit VDPBF16PS per cycle, 32 products each, 2
+FLOP per product) and the one a large bf16 matrix product reaches here (what oneDNN can get).
+
+    python benchmarks/profile_step.py --preset fast --out benchmarks/results/profile_fast
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import command_line, machine_info, markdown_table  # noqa: E402
+
+from tinycifar.config import resolve_config  # noqa: E402
+from tinycifar.data import synthetic_cifar10  # noqa: E402
+from tinycifar.data.augment import augment  # noqa: E402
+from tinycifar.evaluate import autocast_context  # noqa: E402
+from tinycifar.models.summary import model_summary  # noqa: E402
+from tinycifar.train import build_network, build_optimizer, prepare_model  # noqa: E402
+
+
+def conv_kind(module: nn.Conv2d) -> str:
+    if module.groups > 1 and module.groups == module.in_channels:
+        return "depthwise"
+    if module.kernel_size == (1, 1):
+        return "pointwise"
+    if module.dilation != (1, 1):
+        return "dilated"
+    if module.stride != (1, 1):
+        return "strided"
+    return "full 3x3"
+
+
+def label_modules(model: nn.Module) -> None:
+    """Forward hooks that wrap each conv / batch norm / activation in a named profiler range, and a
+    backward hook that does the same for its gradient (so the backward ops can be attributed)."""
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            kind = f"conv {conv_kind(module)}"
+        elif isinstance(module, nn.modules.batchnorm._BatchNorm):
+            kind = "batch norm"
+        elif isinstance(module, (nn.ReLU, nn.GELU)):
+            kind = "activation"
+        else:
+            continue
+        state = {}
+
+        def enter(mod, args, kind=kind, state=state):
+            state["fwd"] = torch.autograd.profiler.record_function(f"## {kind} | forward")
+            state["fwd"].__enter__()
+
+        def leave(mod, args, out, state=state):
+            state["fwd"].__exit__(None, None, None)
+
+        def bwd_enter(mod, grad_out, kind=kind, state=state):
+            state["bwd"] = torch.autograd.profiler.record_function(f"## {kind} | backward")
+            state["bwd"].__enter__()
+
+        def bwd_leave(mod, grad_in, grad_out, state=state):
+            state["bwd"].__exit__(None, None, None)
+
+        module.register_forward_pre_hook(enter)
+        module.register_forward_hook(leave)
+        module.register_full_backward_pre_hook(bwd_enter)
+        module.register_full_backward_hook(bwd_leave)
+
+
+def matmul_peak(seconds: float = 3.0, n: int = 2048) -> float:
+    a, b = torch.randn(n, n, dtype=torch.bfloat16), torch.randn(n, n, dtype=torch.bfloat16)
+    a @ b
+    count, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        count += 1
+    return 2 * n**3 * count / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="fast")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--resolution", type=int, default=32)
+    ap.add_argument("--clock-ghz", type=float, default=None, help="default: /proc/cpuinfo's cpu MHz")
+    ap.add_argument("--out", default="benchmarks/results/profile_fast")
+    args = ap.parse_args()
+
+    cfg = resolve_config(args.preset)
+    train, _ = synthetic_cifar10(cfg.batch_size * 4, 10)
+    mean, std = [0.49, 0.48, 0.45], [0.25, 0.24, 0.26]
+    model, _ = build_network(cfg)
+    prepare_model(model, cfg, train, mean, std)
+    model = model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(model, cfg)
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    x_raw = (train.images[: cfg.batch_size].float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(
+        std).view(1, 3, 1, 1)
+    y = train.labels[: cfg.batch_size]
+    g = torch.Generator().manual_seed(0)
+    device = torch.device("cpu")
+
+    def step() -> None:
+        with torch.autograd.profiler.record_function("## augmentation | -"):
+            x = augment(x_raw, cfg.aug, g)
+            if args.resolution != 32:
+                x = nn.functional.interpolate(x, size=(args.resolution,) * 2, mode="bilinear", antialias=True)
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast_context(device, "bf16"):
+            loss = criterion(model(x).float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        with torch.autograd.profiler.record_function("## optimizer | -"):
+            optimizer.step()
+
+    for _ in range(3):
+        step()
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    step_seconds = (time.perf_counter() - t0) / args.steps
+
+    for module in model.modules():  # backward hooks cannot wrap in-place activations
+        if isinstance(module, nn.ReLU):
+            module.inplace = False
+    label_modules(model)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(args.steps):
+            step()
+    ranges = defaultdict(float)
+    for evt in prof.events():
+        m = re.match(r"## (.+) \| (.+)", evt.name)
+        if m:
+            ranges[(m.group(1), m.group(2))] += evt.cpu_time_total / 1e6 / args.steps
+    total_profiled = sum(ranges.values())
+    rows = [{"part": part, "pass": kind, "ms_per_step": round(1000 * s, 2),
+             "share_%": round(100 * s / step_seconds, 1)} for (part, kind), s in sorted(ranges.items(),
+                                                                                        key=lambda kv: -kv[1])]
+    rows.append({"part": "other (loss, autograd bookkeeping, residual adds, pooling, head)", "pass": "-",
+                 "ms_per_step": round(1000 * (step_seconds - total_profiled), 2),
+                 "share_%": round(100 * (step_seconds - total_profiled) / step_seconds, 1)})
+
+    macs = model_summary(model)["macs"] * (args.resolution / 32) ** 2  # convolutions scale with the area
+    flops_per_step = 6 * macs * cfg.batch_size
+    achieved = flops_per_step / step_seconds
+    clock = args.clock_ghz or float(re.search(r"cpu MHz\s*:\s*([\d.]+)", Path("/proc/cpuinfo").read_text())[1]) / 1000
+    cores = os.cpu_count() or 1
+    theoretical = cores * clock * 1e9 * 128
+    measured_peak = matmul_peak()
+    report = {"command": command_line(), "machine": machine_info(), "preset": args.preset, "model": cfg.model,
+              "batch": cfg.batch_size, "resolution": args.resolution, "step_seconds": step_seconds,
+              "images_per_second": cfg.batch_size / step_seconds, "forward_macs_per_image": macs,
+              "achieved_flops": achieved, "theoretical_peak_flops": theoretical, "clock_ghz": clock,
+              "matmul_peak_flops": measured_peak, "rows": rows}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    md = [f"# Profile of one `{args.preset}` training step ({cfg.model}, batch {cfg.batch_size}, "
+          f"{args.resolution}x{args.resolution}, bf16, channels_last)", "",
+          f"Command: `{report['command']}`", "",
+          "Machine: " + ", ".join(f"{k}={v}" for k, v in report["machine"].items()), "",
+          f"Step: {1000 * step_seconds:.1f} ms ({cfg.batch_size / step_seconds:,.0f} images/s, median-free mean of "
+          f"{args.steps} steps, unprofiled). Forward: {macs / 1e6:.1f}M MACs per image.", "",
+          f"Achieved: **{achieved / 1e9:,.0f} GFLOP/s** (6 x MACs x batch / step time) = "
+          f"**{100 * achieved / theoretical:.0f}%** of the theoretical bf16 peak ({theoretical / 1e9:,.0f} GFLOP/s "
+          f"= {cores} cores x {clock:.2f} GHz x 128) and **{100 * achieved / measured_peak:.0f}%** of what a "
+          f"2048x2048 bf16 matrix product reaches here ({measured_peak / 1e9:,.0f} GFLOP/s).", "",
+          markdown_table(rows, ["part", "pass", "ms_per_step", "share_%"])]
+    out.with_suffix(".md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+
+
+if __name__ == "__main__":
+    main()
