@@ -256,3 +256,17 @@ def cifar10_root() -> Path:
     if not root or not (Path(root) / data.PY_DIR).is_dir():
         pytest.skip("set CIFAR10_ROOT to a folder holding cifar-10-batches-py to run the real-data tests")
     return Path(root)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def private_cache_folder(tmp_path_factory):
+    """The md5 record (data/cifar10.check_md5_once) goes to a folder of the test session's own."""
+    import os
+
+    saved = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg-cache"))
+    yield
+    if saved is None:
+        os.environ.pop("XDG_CACHE_HOME", None)
+    else:
+        os.environ["XDG_CACHE_HOME"] = saved

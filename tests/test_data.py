@@ -709,3 +709,20 @@ def test_save_py_batch_round_trip_is_official_format(tmp_path):
     assert set(raw) >= {b"data", b"labels"}
     assert raw[b"data"].shape == (5, 3072) and raw[b"data"].dtype == np.uint8
     assert raw[b"data"][2, 1024] == images[2, 1, 0, 0]  # channel-major rows
+
+
+def test_md5_is_checked_once_per_unchanged_file(tmp_path, monkeypatch):
+    path = tmp_path / "data_batch_1"
+    path.write_bytes(b"some bytes")
+    expected = hashlib.md5(b"some bytes").hexdigest()
+    data.check_md5_once(path, expected)
+
+    def no_hashing(p, *args):
+        raise AssertionError("hashed again although the file did not change")
+
+    monkeypatch.setattr(data, "md5sum", no_hashing)
+    data.check_md5_once(path, expected)
+    monkeypatch.undo()
+    path.write_bytes(b"other bytes")  # new size and time: hashed again, and refused
+    with pytest.raises(DatasetError, match="does not match the official"):
+        data.check_md5_once(path, expected)

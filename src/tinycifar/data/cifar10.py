@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import http.client
 import io
+import json
 import math
 import os
 import pickle
@@ -25,7 +26,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..checkpoint import current_umask
+from ..checkpoint import atomic_write_bytes, current_umask
 
 # The training split's per-channel mean on the 0..1 scale (what loader.channel_stats computes from it)
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
@@ -232,6 +233,38 @@ def check_md5(path: Path, expected: str) -> None:
         )
 
 
+def verified_cache_path() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tinycifar" / "verified-md5.json"
+
+
+def check_md5_once(path: Path, expected: str) -> None:
+    """``check_md5``, skipped when this very file (path, size, modification time) already passed.
+
+    Hashing the 180 MB of batches costs seconds on every run; the record of files that passed
+    lives in the user's cache folder (``$XDG_CACHE_HOME/tinycifar``), never in the data folder, and
+    any change to a file's size or time hashes it again. A cache that cannot be read or written
+    only means hashing every time.
+    """
+    st = path.stat()
+    key, stamp = str(path.resolve()), [st.st_size, st.st_mtime_ns, expected]
+    cache_path = verified_cache_path()
+    try:
+        cache = json.loads(cache_path.read_text())
+        if not isinstance(cache, dict):
+            cache = {}
+    except (OSError, ValueError):
+        cache = {}
+    if cache.get(key) == stamp:
+        return
+    check_md5(path, expected)
+    cache[key] = stamp
+    try:
+        cache_path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(cache_path, lambda f: f.write(json.dumps(cache).encode()))
+    except OSError:
+        pass
+
+
 def parse_py_batch(raw: dict, path: Path) -> tuple[np.ndarray, np.ndarray]:
     """Check one unpickled batch and return images (N, 3, 32, 32) uint8 and labels (N,) int64."""
     if "data" not in raw or "labels" not in raw:
@@ -303,7 +336,7 @@ def _load_files(paths: list[Path], reader, expected: int, verify_md5: bool) -> S
         if not path.is_file():
             raise DatasetError(f"{path}: file is missing")
         if verify_md5 and path.name in PY_MD5:
-            check_md5(path, PY_MD5[path.name])
+            check_md5_once(path, PY_MD5[path.name])
         x, y = reader(path)
         check_count(len(y), IMAGES_PER_BATCH, path)
         images.append(x)
