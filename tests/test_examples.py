@@ -50,3 +50,16 @@ def test_my_net_checked_trained_reported_exported_and_predicted(tmp_path):
     done = tinycifar("predict", "--checkpoint", tmp_path / "run" / "best.pt", "--model", spec,
                      tmp_path / "black.png", cwd=tmp_path)
     assert done.returncode == 0 and done.stdout.startswith(str(tmp_path / "black.png")), done.stderr
+
+
+@pytest.mark.skipif(not os.environ.get("CIFAR10_ROOT"), reason="needs the real CIFAR-10 ($CIFAR10_ROOT)")
+def test_cifar_folders_example_makes_a_folder_dataset_that_trains(tmp_path):
+    done = subprocess.run([sys.executable, str(EXAMPLES / "cifar_folders.py"), "--out", str(tmp_path / "pets"),
+                           "--classes", "cat", "dog", "--per-class", "40"], capture_output=True, text=True,
+                          timeout=300, env=ENV, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert len(list((tmp_path / "pets" / "train" / "dog").glob("*.png"))) == 40
+    done = tinycifar("train", "--dataset", "folder", "--data", tmp_path / "pets", "--epochs", "1", "--batch-size", "16",
+                     "--threads", "1", "--out", tmp_path / "run", "--quiet", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["model_kwargs"]["num_classes"] == 2

@@ -80,7 +80,8 @@ class TrainConfig:
     eval_every: int = 1  # evaluate every N epochs (and always after the last); 0 = only after the last
     target_acc: float = 0.0  # stop at the first epoch reaching it (0 = run all epochs)
     target_for_summary: float = 85.0  # 'epoch_reached_target' in the summary
-    tta: bool = False  # report final accuracy with flip+translate test-time augmentation
+    tta: bool = False  # also report the final accuracy with test-time augmentation
+    tta_views: str = "flip+translate"  # flip (2 views) or flip+translate (6 views)
     lr_range_test: dict[str, Any] = field(default_factory=dict)  # what `--lr auto` found (lr_find.py)
     resume: bool = False
     tensorboard: bool = False  # event files in RUN/tensorboard (the tensorboard extra)
@@ -299,6 +300,7 @@ def validate(cfg: TrainConfig) -> None:
     need(isinstance(cfg.threads, int) and cfg.threads >= 0, "--threads", "a non-negative integer", cfg.threads)
     need(cfg.step_size > 0, "step_size", "a positive integer", cfg.step_size)
     need(cfg.aug_workers >= 0, "--aug-workers", "a non-negative number of worker processes", cfg.aug_workers)
+    need(cfg.tta_views in ("flip", "flip+translate"), "tta_views", "flip or flip+translate", cfg.tta_views)
     need(cfg.eval_every >= 0, "--eval-every", "a non-negative integer (0 = only after the last epoch)",
          cfg.eval_every)
     need(cfg.low_res == 0 or 8 <= cfg.low_res <= 32, "low_res", "0 (off) or a size in 8..32", cfg.low_res)

@@ -673,7 +673,7 @@ def finish(run: Run, stop_reason: str) -> RunResult:
     summary = build_summary(cfg, history, run.params, run.precision, run.device, run.env, stop_reason,
                             run.steps_per_epoch * cfg.batch_size)
     if cfg.tta and history:
-        tta_result = evaluate(run.eval_model, run.test_loader, run.precision, tta="flip+translate")
+        tta_result = evaluate(run.eval_model, run.test_loader, run.precision, tta=cfg.tta_views)
         summary["final_acc_tta"] = round(tta_result.accuracy, 4)
     if run.env.is_main:
         try:
