@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import shlex
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -55,3 +57,17 @@ def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:,.2f}"
     return str(v)
+
+
+def write_results(out: str | Path, title: str, body: list[str], **fields) -> dict:
+    """``out``.json (the command, the machine and ``fields``) and ``out``.md (a title, the command and
+    machine lines, then ``body``); prints the Markdown. Returns the JSON's dict."""
+    report = {"command": command_line(), "machine": machine_info(), **fields}
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    md = [f"# {title}", "", f"Command: `{report['command']}`", "",
+          "Machine: " + ", ".join(f"{k}={v}" for k, v in report["machine"].items()), "", *body]
+    out.with_suffix(".md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+    return report

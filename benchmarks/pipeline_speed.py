@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import command_line, machine_info, markdown_table  # noqa: E402
+from common import markdown_table, write_results  # noqa: E402
 
 from tinycifar.data import load_split  # noqa: E402
 from tinycifar.data.augment import AugmentConfig  # noqa: E402
@@ -95,22 +95,14 @@ def main() -> None:
         walls = {n: statistics.median(r["wall_seconds"] for r in paired if r["backend"] == n)
                  for n in ("batched", "albumentations (2 workers)")}
         ratio = walls["albumentations (2 workers)"] / walls["batched"]
-    report = {"command": command_line(), "machine": machine_info(), "throughput": throughput, "paired": paired,
-              "wall_ratio_albumentations_over_batched": ratio}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    md = ["# The seed policy: batched on the device vs albumentations in worker processes", "",
-          f"Command: `{report['command']}`", "",
-          "Machine: " + ", ".join(f"{k}={v}" for k, v in report["machine"].items()), "",
-          f"## One epoch of the 50,000 training images, batch {args.batch_size}, no network (median of "
-          f"{args.repeats})", "", markdown_table(throughput, ["loader", "epoch_seconds", "images_per_second"])]
+    body = [f"## One epoch of the 50,000 training images, batch {args.batch_size}, no network (median of "
+            f"{args.repeats})", "", markdown_table(throughput, ["loader", "epoch_seconds", "images_per_second"])]
     if paired:
-        md += ["", f"## `tinycifar train --preset seed --epochs {args.epochs}`, whole process", "",
-               markdown_table(paired, ["backend", "seed", "final_acc", "wall_seconds", "train_seconds"]), "",
-               f"Wall-clock ratio, albumentations / batched: **{ratio:.2f}x**"]
-    out.with_suffix(".md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
+        body += ["", f"## `tinycifar train --preset seed --epochs {args.epochs}`, whole process", "",
+                 markdown_table(paired, ["backend", "seed", "final_acc", "wall_seconds", "train_seconds"]), "",
+                 f"Wall-clock ratio, albumentations / batched: **{ratio:.2f}x**"]
+    write_results(args.out, "The seed policy: batched on the device vs albumentations in worker processes", body,
+                  throughput=throughput, paired=paired, wall_ratio_albumentations_over_batched=ratio)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import command_line, machine_info, markdown_table  # noqa: E402
+from common import command_line, machine_info, markdown_table, write_results  # noqa: E402
 
 from tinycifar.config import TrainConfig, apply_overrides, parse_assignments, resolve_config, validate  # noqa: E402
 from tinycifar.train import load_data, train  # noqa: E402
@@ -169,29 +169,20 @@ def main_wall(args: argparse.Namespace) -> None:
                 print(json.dumps(row), flush=True)
                 rows.append(row)
     table, ratio = wall_report(rows, args.presets, args.target)
-    report = {"command": command_line(), "machine": machine_info(), "target": args.target, "runs": rows,
-              "summary": table, "ratio_second_over_first": ratio}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    md = [f"# Whole-process wall clock: `tinycifar train`, final accuracy and time to {args.target:g}%", "",
-          f"Command: `{report['command']}`", "",
-          "Machine: " + ", ".join(f"{k}={v}" for k, v in report["machine"].items()), "",
-          "wall = spawn to exit of `python -m tinycifar train --preset P --seed S` (start-up, data, training, "
-          "test passes, TTA, checkpoints). wall to target = spawn to the end of the first test pass at or above "
-          "the target. train_seconds = training steps only.", "",
-          "## Per seed", "",
-          markdown_table(rows, ["preset", "model", "seed", "wall_seconds", "wall_seconds_to_target",
-                                "epoch_reached_target", "final_acc", "final_acc_tta", "train_seconds"]),
-          "", "## Summary", "",
-          markdown_table(table, ["preset", "model", "seeds", "median_wall_seconds", "median_wall_seconds_to_target",
-                                 "mean_final_acc", "min_final_acc", "max_final_acc", "mean_final_acc_tta",
-                                 "min_final_acc_tta", "median_train_seconds"])]
+    body = ["wall = spawn to exit of `python -m tinycifar train --preset P --seed S` (start-up, data, training, "
+            "test passes, TTA, checkpoints). wall to target = spawn to the end of the first test pass at or above "
+            "the target. train_seconds = training steps only.", "", "## Per seed", "",
+            markdown_table(rows, ["preset", "model", "seed", "wall_seconds", "wall_seconds_to_target",
+                                  "epoch_reached_target", "final_acc", "final_acc_tta", "train_seconds"]),
+            "", "## Summary", "",
+            markdown_table(table, ["preset", "model", "seeds", "median_wall_seconds", "median_wall_seconds_to_target",
+                                   "mean_final_acc", "min_final_acc", "max_final_acc", "mean_final_acc_tta",
+                                   "min_final_acc_tta", "median_train_seconds"])]
     if ratio:
-        md += ["", f"Ratio of median wall clock to {args.target:g}%, {args.presets[1]} / {args.presets[0]}: "
-               f"**{ratio:.1f}x**"]
-    out.with_suffix(".md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
+        body += ["", f"Ratio of median wall clock to {args.target:g}%, {args.presets[1]} / {args.presets[0]}: "
+                 f"**{ratio:.1f}x**"]
+    write_results(args.out, f"Whole-process wall clock: `tinycifar train`, final accuracy and time to {args.target:g}%",
+                  body, target=args.target, runs=rows, summary=table, ratio_second_over_first=ratio)
 
 
 if __name__ == "__main__":

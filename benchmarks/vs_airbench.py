@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import command_line, machine_info, markdown_table  # noqa: E402
+from common import markdown_table, write_results  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
@@ -90,20 +90,13 @@ def main() -> None:
     speedup = None
     if rows[0]["wall_seconds_to_85"] and rows[1]["wall_seconds_to_85"]:
         speedup = rows[1]["wall_seconds_to_85"] / rows[0]["wall_seconds_to_85"]
-    report = {"command": command_line(), "machine": machine_info(), "rows": rows, "speedup_to_85": speedup}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    md = ["# tinycifar vs airbench94 on this CPU, whole process against whole process", "",
-          f"Command: `{report['command']}`", "",
-          "Machine: " + ", ".join(f"{k}={v}" for k, v in report["machine"].items()), "",
-          "Both evaluate after every epoch, inside their clocks. Seconds are wall clock from spawn.", "",
-          markdown_table(rows, ["run", "wall_seconds_to_85", "wall_seconds_to_90", "acc_within_60s",
-                                "acc_within_600s", "final_acc", "final_acc_tta", "wall_seconds"])]
+    body = ["Both evaluate after every epoch, inside their clocks. Seconds are wall clock from spawn.", "",
+            markdown_table(rows, ["run", "wall_seconds_to_85", "wall_seconds_to_90", "acc_within_60s",
+                                  "acc_within_600s", "final_acc", "final_acc_tta", "wall_seconds"])]
     if speedup:
-        md += ["", f"airbench94 / tinycifar, wall clock to 85%: **{speedup:.1f}x**"]
-    out.with_suffix(".md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
+        body += ["", f"airbench94 / tinycifar, wall clock to 85%: **{speedup:.1f}x**"]
+    write_results(args.out, "tinycifar vs airbench94 on this CPU, whole process against whole process", body,
+                  rows=rows, speedup_to_85=speedup)
 
 
 if __name__ == "__main__":
