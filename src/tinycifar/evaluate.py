@@ -45,13 +45,6 @@ def tta_views(x: torch.Tensor, mode: str) -> list[torch.Tensor]:
     return views
 
 
-@torch.no_grad()
-def predict_logits(model: nn.Module, x: torch.Tensor, precision: str = "fp32", tta: str = "none") -> torch.Tensor:
-    with autocast_context(x.device, precision):
-        logits = [model(v).float() for v in tta_views(x, tta)]
-    return torch.stack(logits).mean(0)
-
-
 @dataclass
 class EvalResult:
     loss: float
@@ -78,25 +71,38 @@ class EvalResult:
 def evaluate(model: nn.Module, loader, precision: str = "fp32", tta: str = "none",
              num_classes: int | None = None) -> EvalResult:
     """Loss, accuracy and confusion over the loader; the class count is the logits' width unless given."""
+    return evaluate_views(model, loader, precision, tta, num_classes)[0]
+
+
+@torch.no_grad()
+def evaluate_views(model: nn.Module, loader, precision: str = "fp32", tta: str = "none",
+                   num_classes: int | None = None) -> tuple[EvalResult, EvalResult]:
+    """The result with ``tta`` and the plain one (the identity view alone) from the same forward
+    passes, so a run that reports both pays for the views once."""
     was_training = model.training
     model.eval()
     device = loader.device
-    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    loss_sums = torch.zeros(2, device=device, dtype=torch.float64)
     confusion = None
     for x, y in loader:
-        logits = predict_logits(model, x, precision, tta)
-        if confusion is None:
-            num_classes = num_classes or logits.shape[1]
-            confusion = torch.zeros(num_classes * num_classes, device=device, dtype=torch.long)
-        loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
-        confusion += torch.bincount(y * num_classes + logits.argmax(1), minlength=num_classes**2)
+        with autocast_context(x.device, precision):
+            views = [model(v).float() for v in tta_views(x, tta)]
+        for i, logits in enumerate((torch.stack(views).mean(0), views[0])):
+            if confusion is None:
+                num_classes = num_classes or logits.shape[1]
+                confusion = torch.zeros(2, num_classes * num_classes, device=device, dtype=torch.long)
+            loss_sums[i] += F.cross_entropy(logits, y, reduction="sum").double()
+            confusion[i] += torch.bincount(y * num_classes + logits.argmax(1), minlength=num_classes**2)
     if confusion is None:  # an empty loader
         num_classes = num_classes or 0
-        confusion = torch.zeros(num_classes * num_classes, device=device, dtype=torch.long)
+        confusion = torch.zeros(2, num_classes * num_classes, device=device, dtype=torch.long)
     if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(loss_sum)
+        dist.all_reduce(loss_sums)
         dist.all_reduce(confusion)
     model.train(was_training)
-    confusion = confusion.view(num_classes, num_classes).cpu()
-    total = int(confusion.sum())
-    return EvalResult(float(loss_sum) / max(total, 1), int(confusion.diag().sum()), total, confusion)
+    results = []
+    for loss_sum, matrix in zip(loss_sums.tolist(), confusion.cpu(), strict=True):
+        matrix = matrix.view(num_classes, num_classes)
+        total = int(matrix.sum())
+        results.append(EvalResult(loss_sum / max(total, 1), int(matrix.diag().sum()), total, matrix))
+    return results[0], results[1]

@@ -42,7 +42,7 @@ from .config import ConfigError, TrainConfig
 from .data import DatasetError, Split, load_cifar10, synthetic_cifar10
 from .data.folders import load_image_folders
 from .data.loader import DeviceLoader, channel_stats
-from .evaluate import autocast_context, evaluate
+from .evaluate import EvalResult, autocast_context, evaluate, evaluate_views
 from .models import ModelError, ModelSource, build_model, count_params, init_whitening
 from .models.registry import check_output, short_name
 
@@ -385,6 +385,7 @@ class Run:
     best_acc: float = -1.0
     saved_epoch: int = 0  # epoch of the newest last.pt on disk
     log: Any = None  # TensorBoardLog when --tensorboard (rank 0)
+    tta_result: EvalResult | None = None  # the last epoch's, when the run reports TTA
 
     @property
     def quiet(self) -> bool:
@@ -640,7 +641,10 @@ def evaluate_and_checkpoint(run: Run, epoch: int, stats: EpochStats) -> float | 
     result = None
     if evaluates_after(run.cfg, epoch):
         sync_buffers(run.env, run.model, *([run.ema.module] if run.ema is not None else []))
-        result = evaluate(run.eval_model, run.test_loader, run.precision)
+        if run.cfg.tta and epoch + 1 == run.cfg.epochs:  # the TTA views include the plain one: one pass
+            run.tta_result, result = evaluate_views(run.eval_model, run.test_loader, run.precision, run.cfg.tta_views)
+        else:
+            result = evaluate(run.eval_model, run.test_loader, run.precision)
     run.history.append({
         "epoch": epoch + 1, "lr": stats.lr, "train_loss": round(stats.train_loss, 6),
         "train_acc": round(stats.train_acc, 4), "test_loss": round(result.loss, 6) if result else None,
@@ -673,7 +677,7 @@ def finish(run: Run, stop_reason: str) -> RunResult:
     summary = build_summary(cfg, history, run.params, run.precision, run.device, run.env, stop_reason,
                             run.steps_per_epoch * cfg.batch_size)
     if cfg.tta and history:
-        tta_result = evaluate(run.eval_model, run.test_loader, run.precision, tta=cfg.tta_views)
+        tta_result = run.tta_result or evaluate(run.eval_model, run.test_loader, run.precision, tta=cfg.tta_views)
         summary["final_acc_tta"] = round(tta_result.accuracy, 4)
     if run.env.is_main:
         try:
