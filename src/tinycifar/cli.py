@@ -211,6 +211,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     precision = resolve_precision(args.precision, device)
     config = {**state.get("config", {}), **({"allow_modified": True} if args.allow_modified else {})}
     test = run_split(config, train=False, data=args.data)  # synthetic runs regenerate their test set
+    if args.corruptions:
+        return eval_corruptions(args, state, model.to(device), test, device, precision)
     loader = DeviceLoader(test, args.batch_size, state["mean"], state["std"], device, train=False)
     result = evaluate(model.to(device), loader, precision, tta=args.tta)
     classes = classes_of(state)
@@ -230,6 +232,28 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print("            " + "".join(f"{c[:5]:>6}" for c in classes))
     for name, row in zip(classes, result.confusion.tolist(), strict=True):
         print(f"  {name:<10}" + "".join(f"{v:>6}" for v in row))
+    return 0
+
+
+def eval_corruptions(args: argparse.Namespace, state: dict, model, test, device, precision: str) -> int:
+    """``eval --corruptions``: the table (or JSON), and corruptions.json/.png beside the checkpoint."""
+    from .data.corruptions import parse_corruptions, parse_severities
+    from .robustness import evaluate_corruptions, save_report
+
+    try:
+        names, severities = parse_corruptions(args.corruptions), parse_severities(args.severities)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+    def progress(name: str, severity: int, accuracy: float) -> None:
+        if not args.json:
+            print(f"  {name} severity {severity}: {accuracy:.2f}%", file=sys.stderr, flush=True)
+
+    report = evaluate_corruptions(model, test, state["mean"], state["std"], names, severities, device, precision,
+                                  args.corruption_seed, args.batch_size, progress)
+    written = save_report(report, args.checkpoint.parent, f"{state['model']}: ")
+    print(json.dumps({"checkpoint": str(args.checkpoint), "model": state["model"], **report.to_dict()}, indent=2)
+          if args.json else f"{report.table()}\nwrote {written[0]} and {written[1]}")
     return 0
 
 
@@ -438,6 +462,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CIFAR-10 folder (default: the run's own, else $CIFAR10_ROOT or ./data; "
                         "synthetic runs need none)")
     p.add_argument("--tta", choices=TTA_MODES, default="none")
+    p.add_argument("--corruptions", default=None, metavar="all|FAMILY|NAME,...",
+                   help="accuracy under CIFAR-10-C corruptions (all; noise, blur, weather, digital; or names)")
+    p.add_argument("--severities", default="1-5", help="with --corruptions: e.g. 1-5, 3 or 1,3,5 (default 1-5)")
+    p.add_argument("--corruption-seed", type=int, default=0, help="with --corruptions: the corruptions' seed")
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="fp32", choices=("auto", "bf16", "fp16", "fp32"))
     p.add_argument("--batch-size", type=positive_int, default=1000)

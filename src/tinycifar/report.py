@@ -512,6 +512,21 @@ def gradcam_figure(ev: RunEvaluation, cam_layer: str | None = None) -> tuple[Fig
     return fig, layer, module, shape
 
 
+def corruption_section(run_dir: Path) -> list[tuple[str, str, bytes]]:
+    """The heat map of ``tinycifar eval --corruptions``, when it was run on this run's checkpoint."""
+    png, data = run_dir / "corruptions.png", run_dir / "corruptions.json"
+    if not (png.is_file() and data.is_file()):
+        return []
+    try:
+        result = json.loads(data.read_text())
+        caption = (f"Test accuracy under {len(result['accuracy'])} CIFAR-10-C corruptions at severities "
+                   f"{', '.join(map(str, result['severities']))} (<code>tinycifar eval --corruptions</code>): "
+                   f"mean {result['mean_corruption_accuracy']:.2f}% against {result['clean']:.2f}% clean.")
+    except (ValueError, KeyError, TypeError):
+        return []
+    return [("Accuracy under common corruptions", caption, png.read_bytes())]
+
+
 def write_report(run_dir: str | Path, data: str | Path | None = None, model: str | nn.Module | None = None,
                  allow_changed_source: bool = False, cam_layer: str | None = None) -> Path:
     """Write the figures and ``report.html`` into ``run_dir``; returns the page's path.
@@ -562,6 +577,7 @@ def write_report(run_dir: str | Path, data: str | Path | None = None, model: str
              "each map is scaled to its own maximum and upsampled bilinearly.", cam_figure),
         ]
     rendered = [(heading, caption, _png(fig, run_dir / name)) for name, heading, caption, fig in figures]
+    rendered += corruption_section(run_dir)
 
     tested = [h for h in history if h.get("test_acc") is not None]
     best = max(tested, key=lambda h: h["test_acc"]) if tested else None

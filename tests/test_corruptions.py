@@ -1,0 +1,105 @@
+"""CIFAR-10-C-style corruptions and `tinycifar eval --corruptions`."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from cli_helpers import one_line, run_main
+from tiny_run import train_tiny_run
+
+pytest.importorskip("scipy")
+
+from tinycifar.data import corruptions, synthetic_cifar10  # noqa: E402
+from tinycifar.data.corruptions import (  # noqa: E402
+    CORRUPTIONS,
+    FAMILIES,
+    cached_corruption,
+    corrupt_image,
+    parse_corruptions,
+    parse_severities,
+)
+
+# corruptions whose CIFAR-10-C parameters grow in strength with the severity in a way the mean
+# pixel change shows; glass blur, elastic transform and frost trade one parameter against another
+MONOTONE = [n for n in CORRUPTIONS if n not in ("glass_blur", "elastic_transform", "frost")]
+RANDOM = ["gaussian_noise", "shot_noise", "impulse_noise", "glass_blur", "motion_blur", "snow", "frost", "fog",
+          "elastic_transform"]
+
+
+@pytest.fixture(scope="module")
+def images() -> np.ndarray:
+    train, _ = synthetic_cifar10(8, 10, noise=20.0)
+    return train.images.permute(0, 2, 3, 1).numpy()
+
+
+def change(images: np.ndarray, name: str, severity: int, seed: int = 0) -> float:
+    return float(np.mean([np.abs(corrupt_image(img, name, severity, seed, i).astype(float) - img).mean()
+                          for i, img in enumerate(images)]))
+
+
+@pytest.mark.parametrize("name", list(CORRUPTIONS))
+def test_each_corruption_changes_the_image_and_keeps_its_form(images, name):
+    for severity in (1, 5):
+        out = corrupt_image(images[0], name, severity, 0, 0)
+        assert out.shape == images[0].shape and out.dtype == np.uint8
+    assert change(images, name, 1) > 0.3 and change(images, name, 5) > 0.3
+
+
+@pytest.mark.parametrize("name", MONOTONE)
+def test_severities_are_ordered(images, name):
+    changes = [change(images, name, s) for s in range(1, 6)]
+    assert changes == sorted(changes) and changes[-1] > changes[0], changes
+
+
+@pytest.mark.parametrize("name", list(CORRUPTIONS))
+def test_results_are_deterministic_for_a_seed(images, name):
+    first = corrupt_image(images[1], name, 3, seed=7, index=1)
+    assert np.array_equal(first, corrupt_image(images[1], name, 3, seed=7, index=1))
+    other = corrupt_image(images[1], name, 3, seed=8, index=1)
+    assert np.array_equal(first, other) == (name not in RANDOM)
+
+
+def test_names_families_and_severities():
+    assert len(CORRUPTIONS) == 15 and sorted(sum(FAMILIES.values(), ())) == sorted(CORRUPTIONS)
+    assert parse_corruptions("all") == list(CORRUPTIONS)
+    assert parse_corruptions("noise,contrast") == ["gaussian_noise", "shot_noise", "impulse_noise", "contrast"]
+    assert parse_severities("1-5") == [1, 2, 3, 4, 5] and parse_severities("1,3-4") == [1, 3, 4]
+    for bad in ("0-2", "6", "x", ""):
+        with pytest.raises(ValueError, match="--severities"):
+            parse_severities(bad)
+    with pytest.raises(ValueError, match="unknown 'rain'"):
+        parse_corruptions("rain")
+
+
+def test_a_corrupted_set_is_cached(monkeypatch):
+    images = synthetic_cifar10(10, 12)[1].images
+    first = cached_corruption(images, "contrast", 2, seed=1)
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("corrupted again although cached")
+
+    monkeypatch.setattr(corruptions, "corrupt_split", no_work)
+    assert torch.equal(cached_corruption(images, "contrast", 2, seed=1), first)
+
+
+def test_eval_corruptions_command_and_report(tmp_path, capsys):
+    run = train_tiny_run(tmp_path / "run")
+    rc, out, err = run_main(capsys, ["eval", "--checkpoint", run / "best.pt", "--corruptions", "contrast,pixelate",
+                                     "--severities", "1,5", "--json"])
+    assert rc == 0, err
+    result = json.loads(out)
+    assert set(result["accuracy"]) == {"contrast", "pixelate"} and result["severities"] == [1, 5]
+    values = [a for by in result["accuracy"].values() for a in by.values()]
+    assert result["mean_corruption_accuracy"] == pytest.approx(sum(values) / len(values), abs=0.01)
+    assert (run / "corruptions.json").is_file() and (run / "corruptions.png").is_file()
+    rc, _, err = run_main(capsys, ["report", run])
+    assert rc == 0, err
+    assert "Accuracy under common corruptions" in (run / "report.html").read_text()
+    rc, _, err = run_main(capsys, ["eval", "--checkpoint", run / "best.pt", "--corruptions", "rain"])
+    one_line(rc, err, "--corruptions", "rain")
+    rc, _, err = run_main(capsys, ["eval", "--checkpoint", run / "best.pt", "--corruptions", "all",
+                                   "--severities", "7"])
+    one_line(rc, err, "--severities")
