@@ -106,6 +106,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--presets", nargs="+", default=["fast"])
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. first-seed + seeds - 1")
     ap.add_argument("--target", type=float, default=85.0)
     ap.add_argument("--data", default=None, help="CIFAR-10 folder (default: $CIFAR10_ROOT or ./data)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every preset")
@@ -123,7 +124,7 @@ def main() -> None:
     data = load_data(configs[args.presets[0]])  # loaded once, shared by every run
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for seed in range(args.seeds):
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
             for preset in args.presets:
                 row = run_one(configs[preset], seed, args.target, data, Path(tmp))
                 print(json.dumps(row), flush=True)
@@ -163,7 +164,7 @@ def main_wall(args: argparse.Namespace) -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.keep) if args.keep else Path(tmp)
-        for seed in range(args.seeds):
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
             for preset in args.presets:  # interleaved: both presets see the same machine noise
                 row = run_process(preset, seed, args.target, root, extra)
                 print(json.dumps(row), flush=True)

@@ -244,6 +244,9 @@ def eval_corruptions(args: argparse.Namespace, state: dict, model, test, device,
         names, severities = parse_corruptions(args.corruptions), parse_severities(args.severities)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    if tuple(test.images.shape[-2:]) != (32, 32):
+        raise ConfigError(f"--corruptions: CIFAR-10-C's parameters are for 32x32 images; this run's are "
+                          f"{test.images.shape[-1]}x{test.images.shape[-2]}")
 
     def progress(name: str, severity: int, accuracy: float) -> None:
         if not args.json:
