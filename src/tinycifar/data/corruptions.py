@@ -113,7 +113,7 @@ def _convolve(x: np.ndarray, kernel: np.ndarray) -> np.ndarray:
     return _per_channel(x, lambda ch: _ndimage().convolve(ch, kernel, mode="mirror"))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def disk(radius: float, alias_blur: float) -> np.ndarray:
     span = np.arange(-8, 9) if radius <= 8 else np.arange(-radius, radius + 1)
     xx, yy = np.meshgrid(span, span)
