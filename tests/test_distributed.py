@@ -31,7 +31,7 @@ N_TRAIN, BATCH, EPOCHS = 614, 40, 3
 N_TEST = N_TRAIN // 4
 ARGS = ["--dataset", "synthetic", "--set", f"synthetic_size={N_TRAIN}", "--set", "dropout=0.0",
         "--epochs", str(EPOCHS), "--batch-size", str(BATCH), "--lr", "0.1", "--schedule", "constant",
-        "--aug", "none", "--precision", "fp32", "--device", "cpu", "--threads", "1"]
+        "--aug", "none", "--precision", "fp32", "--device", "cpu", "--threads", "1", "--eval-every", "1"]
 
 
 def free_port() -> int:

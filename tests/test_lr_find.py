@@ -11,7 +11,7 @@ import torch
 from cli_helpers import one_line, run_main
 from torch import nn
 
-from tinycifar.config import resolve_config
+from tinycifar.config import PRESETS, resolve_config
 from tinycifar.data import synthetic_cifar10
 from tinycifar.data.loader import DeviceLoader, channel_stats
 from tinycifar.lr_find import lr_find, range_test, suggest
@@ -91,7 +91,7 @@ def test_bad_ranges_are_one_line(capsys, extra, fragment):
 def test_cli_writes_the_plot_and_the_csv(tmp_path, capsys):
     rc, out, _ = run_main(capsys, ["lr-find", "--dataset", "synthetic", "--set", "synthetic_size=400",
                                    "--batch-size", "50", "--threads", "1", "--steps", "30", "--out", tmp_path])
-    assert rc == 0 and "suggested peak lr:" in out and "the fast preset uses 0.07" in out
+    assert rc == 0 and "suggested peak lr:" in out and f"the fast preset uses {PRESETS['fast']['lr']:g}" in out
     with open(tmp_path / "lr_find.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) >= 10 and list(rows[0]) == ["step", "lr", "loss", "smoothed_loss"]
@@ -104,7 +104,8 @@ def test_train_lr_auto_uses_and_records_the_suggestion(tmp_path, capsys):
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     found = config["lr_range_test"]
     assert rc == 0 and "learning-rate range test: peak lr" in out
-    assert config["lr"] == found["suggestion"] and found["preset_lr"] == 0.07 and found["rule"].startswith("steepest")
+    assert config["lr"] == found["suggestion"] and found["preset_lr"] == PRESETS["fast"]["lr"]
+    assert found["rule"].startswith("steepest")
     assert 1e-5 <= found["suggestion"] <= 10
     rc, _, err = run_main(capsys, ["train", "--resume", "--out", tmp_path / "run", "--lr", "auto"])
     one_line(rc, err, "a resumed run keeps the learning rate")

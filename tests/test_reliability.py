@@ -28,7 +28,7 @@ from tinycifar.checkpoint import load_checkpoint
 from tinycifar.cli import main
 
 ARGS = ["--dataset", "synthetic", "--set", "synthetic_size=256", "--epochs", "3", "--batch-size", "32", "--lr", "0.05",
-        "--aug", "none", "--precision", "fp32", "--device", "cpu", "--threads", "1", "--quiet"]
+        "--aug", "none", "--precision", "fp32", "--device", "cpu", "--threads", "1", "--quiet", "--eval-every", "1"]
 TIMING_KEYS = {"train_seconds", "images_per_second", "seconds_to_target"}
 
 # Runs `tinycifar train` and SIGKILLs itself at write number NTH of file TARGET:

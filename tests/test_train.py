@@ -47,7 +47,7 @@ TIMING_KEYS = {"train_seconds", "images_per_second", "seconds_to_target"}
 CLI_ARGS = ["--model", "era9", "--dataset", "synthetic", "--set", "synthetic_size=512", "--batch-size", "32",
             "--lr", "0.05", "--aug", "none", "--precision", "fp32", "--device", "cpu", "--threads", "1", "--quiet"]
 QUICK = dict(model="era9", dataset="synthetic", synthetic_size=512, batch_size=32, lr=0.05, aug={"policy": "none"},
-             precision="fp32", device="cpu", threads=1, quiet=True)
+             precision="fp32", device="cpu", threads=1, quiet=True, eval_every=1)
 
 
 def quick_cfg(out: Path, **overrides) -> TrainConfig:

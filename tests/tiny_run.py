@@ -11,6 +11,6 @@ from tinycifar.train import train
 def train_tiny_run(out: Path, **overrides) -> Path:
     """Train one epoch on 200 synthetic images with one thread; returns the run folder."""
     values = dict(model="era9", dataset="synthetic", synthetic_size=200, epochs=1, batch_size=50, lr=0.02,
-                  precision="fp32", device="cpu", threads=1, quiet=True, out=str(out))
+                  precision="fp32", device="cpu", threads=1, quiet=True, eval_every=1, out=str(out))
     values.update(overrides)
     return train(resolve_config("fast", overrides=values)).run_dir

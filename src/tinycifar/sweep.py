@@ -207,8 +207,9 @@ def run_sweep(spec: SweepSpec, out: str | Path, storage: str | None = None, tria
         chosen = {p.name: p.suggest(trial) for p in spec.params}
         run_dir = out / f"trial-{trial.number:04d}"
         trial.set_user_attr("run_dir", str(run_dir))
-        cfg = resolve_config(spec.preset, None, {**_overrides(spec, chosen), **(extra or {}), "out": str(run_dir),
-                                                 "quiet": True})
+        # the pruner compares trials epoch by epoch, so every epoch is tested unless the spec says otherwise
+        cfg = resolve_config(spec.preset, None, {"eval_every": 1, **_overrides(spec, chosen), **(extra or {}),
+                                                 "out": str(run_dir), "quiet": True})
 
         def report(epoch: int, accuracy: float) -> None:
             trial.report(accuracy, epoch)

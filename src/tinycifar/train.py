@@ -623,9 +623,10 @@ def train_one_epoch(run: Run, epoch: int) -> EpochStats:
 
 
 def evaluates_after(cfg: TrainConfig, epoch: int) -> bool:
-    """Whether epoch (0-based) ends with a test pass: every ``eval_every`` epochs and after the last."""
+    """Whether epoch (0-based) ends with a test pass: every ``eval_every`` epochs, after the last, and
+    after every epoch when a ``target_acc`` may stop the run there."""
     last = epoch + 1 == cfg.epochs
-    return last or (cfg.eval_every > 0 and (epoch + 1) % cfg.eval_every == 0)
+    return last or cfg.target_acc > 0 or (cfg.eval_every > 0 and (epoch + 1) % cfg.eval_every == 0)
 
 
 def evaluated(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
