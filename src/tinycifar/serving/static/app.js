@@ -176,6 +176,9 @@ function curves(history) {
 
 async function loadCard() {
   const card = await getJSON(`/api/model?${query()}`);
+  // an image-folder run's gallery holds its own test images and classes, not CIFAR-10's
+  document.getElementById("browse-title").textContent =
+    card.dataset === "folder" ? `Test images (${card.classes.join(", ")})` : "CIFAR-10 test images";
   const rows = [
     ["network", card.network], ["parameters", card.params.toLocaleString()],
     ["multiply-accumulates", `${(card.macs / 1e6).toFixed(1)}M per image`], ["receptive field", `${card.receptive_field} pixels`],
