@@ -35,7 +35,6 @@ import io
 import json
 import math
 import time
-import tomllib
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +48,7 @@ from optuna.trial import TrialState
 
 from .checkpoint import atomic_write_bytes
 from .config import ConfigError, parse_assignments, resolve_config
+from .tomlfile import read_toml
 
 OBJECTIVES = ("final_acc", "best_acc")
 
@@ -85,12 +85,7 @@ class SweepSpec:
 def load_sweep(path: str | Path) -> SweepSpec:
     """The sweep file, checked: one line naming the file and the key for anything wrong."""
     path = Path(path)
-    try:
-        values = tomllib.loads(path.read_text())
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read ({e.strerror or e})") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: not valid TOML ({e})") from None
+    values = read_toml(path, str(path), ConfigError)
     known = {"preset", "trials", "objective", "seed", "set", "params"}
     unknown = set(values) - known
     if unknown:

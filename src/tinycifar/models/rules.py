@@ -9,13 +9,13 @@ functional pooling, residual branches and inline reshapes are seen, not only lay
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
+from ..tomlfile import read_toml
 from .graph import Trace, TracedOp, empirical_receptive_field, probe_size, trace
 from .registry import ModelError, build_model, count_params
 
@@ -46,12 +46,7 @@ class Rules:
 def load_rules(path: str | Path | None = None) -> Rules:
     """Rules from a TOML file (default: the assignment's); unknown keys and wrong types are refused."""
     path = Path(path) if path is not None else DEFAULT_RULES
-    try:
-        values = tomllib.loads(path.read_text())
-    except OSError as e:
-        raise RulesError(f"--rules {path}: cannot read ({e.strerror or e})") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise RulesError(f"--rules {path}: not valid TOML ({e})") from None
+    values = read_toml(path, f"--rules {path}", RulesError)
     fields = {f.name: f for f in dataclasses.fields(Rules)}
     for key, value in values.items():
         if key not in fields:
