@@ -87,7 +87,8 @@ def evaluate_views(model: nn.Module, loader, precision: str = "fp32", tta: str =
     for x, y in loader:
         with autocast_context(x.device, precision):
             views = [model(v).float() for v in tta_views(x, tta)]
-        for i, logits in enumerate((torch.stack(views).mean(0), views[0])):
+        scored = [views[0]] if len(views) == 1 else [torch.stack(views).mean(0), views[0]]  # no TTA: one tally
+        for i, logits in enumerate(scored):
             if confusion is None:
                 num_classes = num_classes or logits.shape[1]
                 confusion = torch.zeros(2, num_classes * num_classes, device=device, dtype=torch.long)
@@ -105,4 +106,4 @@ def evaluate_views(model: nn.Module, loader, precision: str = "fp32", tta: str =
         matrix = matrix.view(num_classes, num_classes)
         total = int(matrix.sum())
         results.append(EvalResult(loss_sum / max(total, 1), int(matrix.diag().sum()), total, matrix))
-    return results[0], results[1]
+    return results[0], results[1] if tta != "none" else results[0]
