@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .data.augment import BORDER_MODES, POLICIES, AugmentConfig
+from .data.augmix import MODES as AUGMIX_MODES
 
 
 class ConfigError(ValueError):
@@ -251,6 +252,11 @@ def _validate_aug(aug: AugmentConfig) -> None:
         need(0 <= getattr(aug, name) <= 32, name, "a size in pixels, 0..32")
     need(0 <= aug.translate_pad <= 16, "translate_pad", "a padding in pixels, 0..16")
     need(aug.border in BORDER_MODES, "border", f"one of {', '.join(BORDER_MODES)}")
+    need(aug.augmix in AUGMIX_MODES, "augmix", f"one of {', '.join(AUGMIX_MODES)}")
+    need(1 <= aug.augmix_severity <= 10, "augmix_severity", "an integer in 1..10")
+    need(1 <= aug.augmix_width <= 8, "augmix_width", "an integer in 1..8")
+    need(0 <= aug.augmix_depth <= 5, "augmix_depth", "an integer in 0..5 (0 = 1..3 at random)")
+    need(aug.jsd_weight >= 0, "jsd_weight", "a non-negative number")
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -300,6 +306,8 @@ def validate(cfg: TrainConfig) -> None:
          "auto, cpu, cuda or cuda:N", cfg.device)
     need(isinstance(cfg.threads, int) and cfg.threads >= 0, "--threads", "a non-negative integer", cfg.threads)
     need(cfg.step_size > 0, "step_size", "a positive integer", cfg.step_size)
+    need(not (cfg.aug_pipeline and cfg.aug.augmix != "off"), "--augmix",
+         "off with --aug-pipeline (AugMix runs after the batched policies on the device)", cfg.aug.augmix)
     need(cfg.aug_workers >= 0, "--aug-workers", "a non-negative number of worker processes", cfg.aug_workers)
     need(cfg.tta_views in ("flip", "flip+translate"), "tta_views", "flip or flip+translate", cfg.tta_views)
     need(cfg.eval_every >= 0, "--eval-every", "a non-negative integer (0 = only after the last epoch)",

@@ -33,6 +33,7 @@ from .config import ConfigError, TrainConfig
 from .data import Split
 from .data.loader import DeviceLoader
 from .evaluate import autocast_context
+from .losses import build_criterion
 from .models.registry import short_name
 from .train import DistEnv, build_optimizer, prepare, set_lr
 
@@ -131,7 +132,7 @@ def lr_find(cfg: TrainConfig, data: tuple[Split, Split] | None = None, model: nn
     try:
         # a network handed over is left as it is: the test (whitening stem, channels_last) runs on a copy
         p = prepare(cfg, DistEnv(), data, copy.deepcopy(model) if model is not None else None)
-        criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+        criterion = build_criterion(cfg)
         return range_test(p.model, build_optimizer(p.model, cfg), p.train_loader, criterion, p.precision, start_lr,
                           end_lr, steps)
     finally:

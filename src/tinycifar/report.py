@@ -40,6 +40,7 @@ from torch import nn
 from .checkpoint import CheckpointError, atomic_write_bytes
 from .data import CLASSES, Split, classes_of
 from .data.augment import AugmentConfig, augment
+from .data.augmix import augmix
 from .data.pipeline import to_hwc
 from .serving.inference import load_inference_model, run_split, to_unit_float
 
@@ -307,13 +308,21 @@ def plot_per_class(confusion: np.ndarray, classes: tuple[str, ...] = CLASSES) ->
 
 
 def policy_draws(images: torch.Tensor, aug: AugmentConfig, mean: list[float], std: list[float], draws: int,
-                 seed: int = 0) -> list[torch.Tensor]:
-    """``draws`` independent passes of the batched policy over uint8 images, as 0..1 images."""
+                 seed: int = 0, with_augmix: bool = False) -> list[torch.Tensor]:
+    """``draws`` independent passes of the batched policy over uint8 images, as 0..1 images;
+    ``with_augmix``: each followed by one AugMix view, as the loader makes them."""
     m = torch.tensor(mean).view(1, -1, 1, 1)
     s = torch.tensor(std).view(1, -1, 1, 1)
     x = (to_unit_float(images) - m) / s
     g = torch.Generator().manual_seed(seed)
-    return [(augment(x, aug, g) * s + m).clamp(0, 1) for _ in range(draws)]
+
+    def draw() -> torch.Tensor:
+        y = augment(x, aug, g)
+        if with_augmix:
+            y = augmix(y, 255 * m, 255 * s, g, aug.augmix_severity, aug.augmix_width, aug.augmix_depth)
+        return (y * s + m).clamp(0, 1)
+
+    return [draw() for _ in range(draws)]
 
 
 def pipeline_draws(images: torch.Tensor, pipeline, draws: int, seed: int = 0) -> list[torch.Tensor]:
@@ -347,8 +356,9 @@ def plot_augmentations(images: torch.Tensor, labels: torch.Tensor, blocks: list[
 def augmentation_figure(images: torch.Tensor, labels: torch.Tensor, config: dict[str, Any], mean: list[float],
                         std: list[float], classes: tuple[str, ...] = CLASSES) -> tuple[Figure, str]:
     """The run's augmentation on a few training images, and a caption: its own pipeline file when it
-    trained with one; else the batched policy beside the same policy run by albumentations (when
-    installed and the policy can be written as a pipeline), the same images through both."""
+    trained with one; else the batched policy beside, with AugMix, the policy followed by AugMix,
+    or else the same policy run by albumentations (when installed and the policy can be written as
+    a pipeline), the same images through both."""
     aug = aug_config(config)
     if config.get("aug_pipeline"):
         from .data.pipeline import PipelineError, load_pipeline
@@ -362,14 +372,19 @@ def augmentation_figure(images: torch.Tensor, labels: torch.Tensor, config: dict
         return plot_augmentations(images, labels, blocks, f"Training augmentation: {text}", classes), text
     blocks = [("batched", policy_draws(images, aug, mean, std, 4))]
     text = f"policy '{aug.policy}': {describe_policy(aug)}"
-    try:
-        from .data.pipeline import PipelineError, policy_pipeline
+    if aug.augmix != "off":
+        blocks.append(("+AugMix", policy_draws(images, aug, mean, std, 4, with_augmix=True)))
+        loss = ", with the Jensen-Shannon consistency loss on two views" if aug.augmix == "jsd" else ""
+        text += f"; right, each followed by AugMix ({aug.augmix_width} chains, severity {aug.augmix_severity}{loss})"
+    else:
+        try:
+            from .data.pipeline import PipelineError, policy_pipeline
 
-        pipeline = policy_pipeline(aug, tuple(255 * m for m in mean), images.shape[-1])
-        blocks.append(("albumentations", pipeline_draws(images, pipeline, 4)))
-        text += "; left the batched version on the training device, right the same policy through albumentations"
-    except PipelineError:  # not installed, or a policy it cannot express
-        pass
+            pipeline = policy_pipeline(aug, tuple(255 * m for m in mean), images.shape[-1])
+            blocks.append(("albumentations", pipeline_draws(images, pipeline, 4)))
+            text += "; left the batched version on the training device, right the same policy through albumentations"
+        except PipelineError:  # not installed, or a policy it cannot express
+            pass
     return plot_augmentations(images, labels, blocks, "Training augmentation\n" + textwrap.fill(text, 100),
                               classes), text
 

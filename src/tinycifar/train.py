@@ -43,6 +43,7 @@ from .data import DatasetError, Split, load_cifar10, synthetic_cifar10
 from .data.folders import load_image_folders
 from .data.loader import DeviceLoader, channel_stats
 from .evaluate import EvalResult, autocast_context, evaluate, evaluate_views
+from .losses import build_criterion
 from .models import ModelError, ModelSource, build_model, count_params, init_whitening
 from .models.registry import check_output, short_name
 
@@ -517,7 +518,7 @@ def setup(cfg: TrainConfig, env: DistEnv, data: tuple[Split, Split] | None = Non
     if cfg.compile:
         net = torch.compile(net)
     run = Run(cfg, env, device, p.precision, run_dir, model, net, ema, p.source, build_optimizer(model, cfg),
-              nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing), p.train_loader, test_loader, mean, std,
+              build_criterion(cfg), p.train_loader, test_loader, mean, std,
               p.train_split.classes)
     resumed = cfg.resume and restore(run, load_checkpoint(run_dir / "last.pt"))
     announce(run, len(p.train_split), len(p.test_split), resumed)
@@ -601,7 +602,7 @@ def train_one_epoch(run: Run, epoch: int) -> EpochStats:
         if run.log is not None:
             run.log.step(epoch * steps + i, loss.item(), lr)
         loss_sum += loss.detach() * len(y)
-        correct += (logits.argmax(1) == y).sum()
+        correct += (logits[: len(y)].argmax(1) == y).sum()  # the labelled images, not AugMix's views
         seen += len(y)
         if not run.quiet and (i % 10 == 0 or i == steps - 1):
             bar.set_description(f"Loss={loss.item():.4f} Batch_id={i} Accuracy={100.0 * correct.item() / seen:.2f}")

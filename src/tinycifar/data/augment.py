@@ -156,6 +156,13 @@ class AugmentConfig:
     translate_pad: int = 2
     cutout_size: int = 0  # 0 = no cutout
     cutout_p: float = 1.0
+    # AugMix after the policy (data/augmix.py): off | mix (one AugMix view per image) | jsd (the image
+    # and two AugMix views, with the Jensen-Shannon consistency loss; three times the images a step)
+    augmix: str = "off"
+    augmix_severity: int = 3  # the paper's CIFAR value: operation levels drawn from [0.1, severity]
+    augmix_width: int = 3  # chains mixed per view
+    augmix_depth: int = 0  # operations per chain; 0 = drawn from 1..3 for each chain
+    jsd_weight: float = 12.0  # the consistency term's weight (the paper's lambda)
 
 
 POLICIES = ("seed", "fast", "none")

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .augment import AugmentConfig, augment
+from .augmix import augmix_views
 from .cifar10 import Split
 
 
@@ -30,6 +31,9 @@ def epoch_generator(seed: int, epoch: int, device: torch.device, stream: int = 0
 
 class DeviceLoader:
     """Yields (images, labels) batches, normalized and optionally augmented, on ``device``.
+
+    With ``aug.augmix == "jsd"`` a batch holds three views of each labelled image (the image, then
+    two AugMix views), so ``len(images) == 3 * len(labels)``.
 
     With ``world_size > 1`` each rank gets a disjoint, equally sized slice of every epoch's
     permutation (the remainder is dropped so ranks take the same number of steps).
@@ -120,4 +124,6 @@ class DeviceLoader:
             x = self.normalize(self.images[idx])
             if self.train and self.aug is not None:
                 x = augment(x, self.aug, gen, self.alternating_flips(idx))
+                x = augmix_views(x, self.aug.augmix, self.mean, self.std, gen, self.aug.augmix_severity,
+                                 self.aug.augmix_width, self.aug.augmix_depth)
             yield self.finish(x), self.labels[idx]
