@@ -52,3 +52,4 @@ def test_best_recipe_trains_the_slimres_family_end_to_end(tmp_path, model):
     assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
     assert result.summary["final_acc"] > 35  # chance is 10%; measured 55 and 66
     assert "final_acc_tta" in result.summary
+    assert 0 <= result.summary["final_ece_tta"] <= 100 and 0 <= result.summary["final_ece"] <= 100

@@ -1,4 +1,4 @@
-"""Evaluation: one pass over the TTA views gives both the TTA and the plain result."""
+"""Evaluation: one pass over the TTA views gives both the TTA and the plain result; calibration."""
 
 from __future__ import annotations
 
@@ -7,7 +7,14 @@ import torch
 
 from tinycifar.data import synthetic_cifar10
 from tinycifar.data.loader import DeviceLoader, channel_stats
-from tinycifar.evaluate import evaluate, evaluate_views, tta_views
+from tinycifar.evaluate import (
+    calibration_bins,
+    evaluate,
+    evaluate_views,
+    expected_calibration_error,
+    mean_overconfidence,
+    tta_views,
+)
 from tinycifar.models import create_model
 
 
@@ -35,3 +42,39 @@ def test_view_counts():
     assert [len(tta_views(x, m)) for m in ("none", "flip", "flip+translate")] == [1, 2, 6]
     with pytest.raises(ValueError, match="test-time augmentation"):
         tta_views(x, "rotate")
+
+
+def test_ece_of_a_hand_made_example():
+    """Four predictions at confidence 0.9 (three right) and two at 0.3 (both wrong): bins [0.867, 0.933)
+    and [0.267, 0.333); gaps |0.9 - 0.75| and |0.3 - 0|, weighted 4/6 and 2/6."""
+    probs = torch.tensor([[0.9, 0.1]] * 4 + [[0.3, 0.2]] * 2)  # the bins only look at the top probability
+    labels = torch.tensor([0, 0, 0, 1, 1, 1])
+    bins = calibration_bins(probs, labels)
+    assert bins[0].sum() == 6 and bins[0, 13] == 4 and bins[0, 4] == 2
+    assert expected_calibration_error(bins) == pytest.approx(100 * (4 / 6 * 0.15 + 2 / 6 * 0.3))
+    assert mean_overconfidence(bins) == pytest.approx(100 * ((3.6 + 0.6) / 6 - 3 / 6))
+
+
+def test_calibrated_predictions_have_a_small_ece_and_confident_mistakes_a_large_one():
+    g = torch.Generator().manual_seed(0)
+    confidence = torch.rand(20000, generator=g) * 0.9 + 0.1
+    right = torch.rand(20000, generator=g) < confidence  # right exactly as often as it says
+    probs = torch.stack([confidence, 1 - confidence], 1)
+    labels = torch.where(right, 0, 1)
+    assert expected_calibration_error(calibration_bins(probs, labels)) < 1.5
+    always_sure = torch.tensor([[0.99, 0.01]]).repeat(1000, 1)
+    half_right = torch.arange(1000) % 2
+    assert expected_calibration_error(calibration_bins(always_sure, half_right)) == pytest.approx(49, abs=1e-6)
+
+
+def test_evaluation_reports_the_ece_of_its_own_probabilities(setting):
+    model, loader = setting
+    with_tta, plain = evaluate_views(model, loader, "fp32", "flip")
+    with torch.no_grad():
+        x = torch.cat([b for b, _ in loader])
+        y = torch.cat([t for _, t in loader])
+        logits = model(x)
+        tta_logits = (logits + model(x.flip(-1))) / 2
+    assert plain.ece == pytest.approx(expected_calibration_error(calibration_bins(logits.softmax(1), y)), abs=1e-4)
+    assert with_tta.ece == pytest.approx(expected_calibration_error(calibration_bins(tta_logits.softmax(1), y)),
+                                         abs=1e-4)

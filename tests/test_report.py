@@ -20,7 +20,7 @@ from tinycifar.report import find_gradcam_layer, grad_cam, upsample_cam, write_r
 from tinycifar.serving.inference import run_split
 from tinycifar.train import load_data
 
-FIGURES = ("curves.png", "misclassified.png", "confusion_matrix.png", "per_class_accuracy.png",
+FIGURES = ("curves.png", "misclassified.png", "confusion_matrix.png", "reliability.png", "per_class_accuracy.png",
            "augmentations.png", "gradcam.png")
 
 
@@ -54,6 +54,16 @@ def test_page_shows_config_metrics_and_layer(page):
     assert "Metrics per epoch" in text and "train_loss" in text
     assert "aug.policy" in text and "seed" in text
     assert "features.2.1" in text  # the Grad-CAM layer is named
+
+
+def test_page_states_the_calibration_with_and_without_tta(run_dir, page):
+    text = page.read_text()
+    found = re.search(r"ECE ([\d.]+)% \(no TTA\), ([\d.]+)% \(TTA \(flip\)\)", text)
+    assert found, "the calibration line is missing"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    # the page evaluates in fp32 like training's evaluation here: the same ECE as summary.json
+    assert float(found.group(1)) == pytest.approx(summary["final_ece"], abs=0.01)
+    assert "over-confident" in text or "under-confident" in text or "mixed" in text
 
 
 def test_cli_report(run_dir, capsys):

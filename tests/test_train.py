@@ -40,7 +40,7 @@ from tinycifar.train import (
 
 DOCUMENTED_COLUMNS = ["epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "seconds",
                       "train_seconds_total"]
-SUMMARY_KEYS = {"best_acc", "final_acc", "epoch_reached_target", "train_seconds", "params"}
+SUMMARY_KEYS = {"best_acc", "final_acc", "final_ece", "epoch_reached_target", "train_seconds", "params"}
 TIMING_KEYS = {"train_seconds", "images_per_second", "seconds_to_target"}
 
 # the same run as command-line options (for the subprocess tests) and as config values

@@ -226,11 +226,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"checkpoint": str(args.checkpoint), "model": state["model"], "tta": args.tta,
                           "precision": precision, "accuracy": result.accuracy, "loss": result.loss,
-                          "correct": result.correct, "total": result.total,
+                          "correct": result.correct, "total": result.total, "ece": result.ece,
                           "per_class": dict(zip(classes, result.per_class, strict=True)),
                           "confusion": result.confusion.tolist()}, indent=2))
         return 0
     print(result.line())
+    print(f"Expected calibration error (15 bins): {result.ece:.2f}%")
     print("\nper-class accuracy:")
     for name, acc in zip(classes, result.per_class, strict=True):
         print(f"  {name:<11}{acc:6.2f}%")

@@ -1,4 +1,4 @@
-"""Evaluation: loss, accuracy, per-class accuracy, confusion matrix, test-time augmentation.
+"""Evaluation: loss, accuracy, per-class accuracy, confusion matrix, calibration, test-time augmentation.
 
 Under ``torch.distributed`` each rank evaluates its own slice of the test set and the
 counts are summed, so every test image is counted exactly once.
@@ -15,6 +15,31 @@ import torch.nn.functional as F
 from torch import nn
 
 TTA_MODES = ("none", "flip", "flip+translate")
+CALIBRATION_BINS = 15  # equal-width confidence bins, the usual choice for ECE (Guo et al., 2017)
+
+
+def calibration_bins(probs: torch.Tensor, labels: torch.Tensor, bins: int = CALIBRATION_BINS) -> torch.Tensor:
+    """(3, bins): per confidence bin, the number of predictions, their summed confidence (the top
+    softmax probability) and how many were right. Sums, so that batches and ranks add up."""
+    confidence, predicted = probs.max(1)
+    index = (confidence * bins).long().clamp(max=bins - 1)
+    return torch.stack([torch.bincount(index, minlength=bins).double(),
+                        torch.bincount(index, weights=confidence.double(), minlength=bins),
+                        torch.bincount(index, weights=(predicted == labels).double(), minlength=bins)])
+
+
+def expected_calibration_error(bins: torch.Tensor) -> float:
+    """ECE in percent: the gap between accuracy and mean confidence in each bin, weighted by the
+    bin's share of the predictions. 0 is perfect calibration; over-confidence and under-confidence
+    both count (``mean_overconfidence`` gives the sign)."""
+    count, confidence, correct = bins
+    return float(100 * (confidence - correct).abs().sum() / count.sum().clamp(min=1))
+
+
+def mean_overconfidence(bins: torch.Tensor) -> float:
+    """Mean confidence minus accuracy, in percent points: positive when the network is over-confident."""
+    count, confidence, correct = bins
+    return float(100 * (confidence.sum() - correct.sum()) / count.sum().clamp(min=1))
 
 
 def autocast_context(device: torch.device, precision: str):
@@ -51,6 +76,12 @@ class EvalResult:
     correct: int
     total: int
     confusion: torch.Tensor  # (classes, classes): rows true class, columns predicted
+    calibration: torch.Tensor  # (3, CALIBRATION_BINS): see calibration_bins
+
+    @property
+    def ece(self) -> float:
+        """Expected calibration error over 15 bins, in percent."""
+        return expected_calibration_error(self.calibration)
 
     @property
     def accuracy(self) -> float:
@@ -83,6 +114,7 @@ def evaluate_views(model: nn.Module, loader, precision: str = "fp32", tta: str =
     model.eval()
     device = loader.device
     loss_sums = torch.zeros(2, device=device, dtype=torch.float64)
+    calibration = torch.zeros(2, 3, CALIBRATION_BINS, device=device, dtype=torch.float64)
     confusion = None
     for x, y in loader:
         with autocast_context(x.device, precision):
@@ -94,16 +126,18 @@ def evaluate_views(model: nn.Module, loader, precision: str = "fp32", tta: str =
                 confusion = torch.zeros(2, num_classes * num_classes, device=device, dtype=torch.long)
             loss_sums[i] += F.cross_entropy(logits, y, reduction="sum").double()
             confusion[i] += torch.bincount(y * num_classes + logits.argmax(1), minlength=num_classes**2)
+            calibration[i] += calibration_bins(logits.softmax(1), y)
     if confusion is None:  # an empty loader
         num_classes = num_classes or 0
         confusion = torch.zeros(2, num_classes * num_classes, device=device, dtype=torch.long)
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(loss_sums)
         dist.all_reduce(confusion)
+        dist.all_reduce(calibration)
     model.train(was_training)
     results = []
-    for loss_sum, matrix in zip(loss_sums.tolist(), confusion.cpu(), strict=True):
+    for loss_sum, matrix, bins in zip(loss_sums.tolist(), confusion.cpu(), calibration.cpu(), strict=True):
         matrix = matrix.view(num_classes, num_classes)
         total = int(matrix.sum())
-        results.append(EvalResult(loss_sum / max(total, 1), int(matrix.diag().sum()), total, matrix))
+        results.append(EvalResult(loss_sum / max(total, 1), int(matrix.diag().sum()), total, matrix, bins))
     return results[0], results[1] if tta != "none" else results[0]

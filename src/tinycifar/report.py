@@ -42,6 +42,13 @@ from .data import CLASSES, Split, classes_of
 from .data.augment import AugmentConfig, augment
 from .data.augmix import augmix
 from .data.pipeline import to_hwc
+from .evaluate import (
+    CALIBRATION_BINS,
+    calibration_bins,
+    expected_calibration_error,
+    mean_overconfidence,
+    tta_views,
+)
 from .serving.inference import load_inference_model, run_split, to_unit_float
 
 MIN_CAM_SIZE = 8
@@ -176,8 +183,12 @@ def pick_checkpoint(run_dir: Path) -> Path:
 
 
 @torch.no_grad()
-def test_probabilities(model: nn.Module, images: torch.Tensor, batch: int = 500) -> torch.Tensor:
-    return torch.cat([model(to_unit_float(images[i : i + batch])).softmax(1) for i in range(0, len(images), batch)])
+def test_probabilities(model: nn.Module, images: torch.Tensor, batch: int = 500, tta: str = "none") -> torch.Tensor:
+    """Softmax over the test images; with ``tta``, of the logits averaged over the views (as ``evaluate``)."""
+    def probs(x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([model(v) for v in tta_views(x, tta)]).mean(0).softmax(1)
+
+    return torch.cat([probs(to_unit_float(images[i : i + batch])) for i in range(0, len(images), batch)])
 
 
 def aug_config(config: dict[str, Any]) -> AugmentConfig:
@@ -186,6 +197,13 @@ def aug_config(config: dict[str, Any]) -> AugmentConfig:
 
 
 def describe_policy(aug: AugmentConfig) -> str:
+    return _describe_transforms(aug) + (
+        f", then AugMix ({aug.augmix_width} chains, severity {aug.augmix_severity}"
+        + (", the Jensen-Shannon consistency loss on two views)" if aug.augmix == "jsd" else ")")
+        if aug.augmix != "off" else "")
+
+
+def _describe_transforms(aug: AugmentConfig) -> str:
     if aug.policy == "seed":
         return (f"horizontal flip (p={aug.flip:g}), shift-scale-rotate (shift {aug.shift:g}, scale {aug.scale:g}, "
                 f"rotate {aug.rotate:g} deg, p={aug.ssr_p:g}), one {aug.dropout_size}x{aug.dropout_size} "
@@ -307,6 +325,31 @@ def plot_per_class(confusion: np.ndarray, classes: tuple[str, ...] = CLASSES) ->
     return fig
 
 
+def plot_reliability(curves: list[tuple[str, torch.Tensor]]) -> Figure:
+    """Reliability diagrams side by side: accuracy against confidence per bin (the diagonal is
+    perfect calibration), the gap to the bin's mean confidence hatched (above the bar:
+    over-confident, inside it: under-confident), each bin's share of the predictions below."""
+    fig = Figure(figsize=(5 * len(curves), 5.6), layout="constrained")
+    axes = fig.subplots(2, len(curves), squeeze=False, height_ratios=[3, 1], sharex=True)
+    for (name, bins), ax, hist in zip(curves, axes[0], axes[1], strict=True):
+        count, confidence, correct = bins.numpy()
+        n = len(count)
+        edges = np.linspace(0, 1, n + 1)
+        centres, used = (edges[:-1] + edges[1:]) / 2, count > 0
+        accuracy = np.divide(correct, count, out=np.zeros(n), where=used)
+        mean_conf = np.divide(confidence, count, out=centres.copy(), where=used)
+        ax.bar(centres[used], accuracy[used], width=1 / n, color="tab:blue", edgecolor="white", label="accuracy")
+        ax.bar(centres[used], (mean_conf - accuracy)[used], bottom=accuracy[used], width=1 / n, fill=False,
+               hatch="///", edgecolor="tab:red", lw=1, label="gap to the bin's mean confidence")
+        ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
+        ax.set(xlim=(0, 1), ylim=(0, 1), ylabel="accuracy in the bin",
+               title=f"{name}: ECE {expected_calibration_error(bins):.2f}%")
+        ax.legend(loc="upper left", fontsize=9)
+        hist.bar(centres, 100 * count / max(count.sum(), 1), width=1 / n, color="tab:gray")
+        hist.set(xlabel="confidence (top softmax probability)", ylabel="% of images")
+    return fig
+
+
 def policy_draws(images: torch.Tensor, aug: AugmentConfig, mean: list[float], std: list[float], draws: int,
                  seed: int = 0, with_augmix: bool = False) -> list[torch.Tensor]:
     """``draws`` independent passes of the batched policy over uint8 images, as 0..1 images;
@@ -374,8 +417,7 @@ def augmentation_figure(images: torch.Tensor, labels: torch.Tensor, config: dict
     text = f"policy '{aug.policy}': {describe_policy(aug)}"
     if aug.augmix != "off":
         blocks.append(("+AugMix", policy_draws(images, aug, mean, std, 4, with_augmix=True)))
-        loss = ", with the Jensen-Shannon consistency loss on two views" if aug.augmix == "jsd" else ""
-        text += f"; right, each followed by AugMix ({aug.augmix_width} chains, severity {aug.augmix_severity}{loss})"
+        text += "; left the policy's transforms alone, right followed by AugMix"
     else:
         try:
             from .data.pipeline import PipelineError, policy_pipeline
@@ -480,6 +522,8 @@ class RunEvaluation:
     probs: torch.Tensor  # (N, 10) softmax
     preds: torch.Tensor
     wrong: torch.Tensor  # indices of mistakes, most confident first
+    tta: str  # the run's test-time augmentation views (flip when it reported none)
+    probs_tta: torch.Tensor  # (N, 10) softmax of the logits averaged over the tta views
 
     @property
     def config(self) -> dict[str, Any]:
@@ -500,7 +544,25 @@ def evaluate_run(run_dir: str | Path, data: str | Path | None = None, model: str
     preds = probs.argmax(1)
     wrong = (preds != test.labels).nonzero().flatten()
     wrong = wrong[probs[wrong, preds[wrong]].argsort(descending=True)]  # most confident mistakes first
-    return RunEvaluation(checkpoint, normalized, state, test, probs, preds, wrong)
+    config = state.get("config", {})
+    tta = config.get("tta_views", "flip") if config.get("tta") else "flip"
+    return RunEvaluation(checkpoint, normalized, state, test, probs, preds, wrong, tta,
+                         test_probabilities(normalized, test.images, tta=tta))
+
+
+def calibration_curves(ev: RunEvaluation) -> list[tuple[str, torch.Tensor]]:
+    """The reliability bins of the plain predictions and of the TTA ones."""
+    return [("no TTA", calibration_bins(ev.probs, ev.test.labels)),
+            (f"TTA ({ev.tta})", calibration_bins(ev.probs_tta, ev.test.labels))]
+
+
+def describe_calibration(curves: list[tuple[str, torch.Tensor]]) -> str:
+    """'ECE 1.23% (no TTA), 2.34% (TTA (flip)); over-confident by 0.5 points' and the like."""
+    eces = ", ".join(f"{expected_calibration_error(bins):.2f}% ({name})" for name, bins in curves)
+    gaps = [mean_overconfidence(bins) for _, bins in curves]
+    lean = ("over-confident" if min(gaps) > 0 else "under-confident" if max(gaps) < 0 else "mixed")
+    return (f"ECE {eces}; mean confidence minus accuracy "
+            + ", ".join(f"{g:+.2f} points" for g in gaps) + f" ({lean})")
 
 
 def mistakes_figure(ev: RunEvaluation, count: int = GALLERY) -> Figure:
@@ -563,6 +625,7 @@ def write_report(run_dir: str | Path, data: str | Path | None = None, model: str
 
     accuracy = 100 * float((preds == labels).float().mean())
     trained_in = run_precision(run_dir)
+    curves = calibration_curves(ev)
     with matplotlib.rc_context(STYLE):
         cam_figure, layer, module, shape = gradcam_figure(ev, cam_layer)
         aug_figure, aug_text = augmentation_figure(train_split.images[pick], train_split.labels[pick], config,
@@ -579,6 +642,11 @@ def write_report(run_dir: str | Path, data: str | Path | None = None, model: str
             ("confusion_matrix.png", "Confusion matrix",
              "Rows are true classes, columns predicted classes; off-diagonal cells show which classes are "
              "confused with which.", plot_confusion(confusion, classes)),
+            ("reliability.png", "Calibration",
+             f"Reliability diagrams over {CALIBRATION_BINS} equal-width confidence bins: when the network says "
+             "90%, is it right 90% of the time? Bars below the diagonal are over-confidence. "
+             f"{describe_calibration(curves)}. The expected calibration error (ECE) weights each bin's gap by "
+             "its share of the test images.", plot_reliability(curves)),
             ("per_class_accuracy.png", "Per-class accuracy",
              "Share of each class's test images classified correctly; the dashed line is the overall accuracy.",
              plot_per_class(confusion, classes)),
@@ -604,6 +672,7 @@ def write_report(run_dir: str | Path, data: str | Path | None = None, model: str
     if best:
         facts.append(["best test accuracy", f"{best['test_acc']:.2f}% at epoch {best['epoch']:.0f}"])
         facts.append(["training time", f"{history[-1].get('train_seconds_total', 0):.1f} s"])
+    facts.append(["calibration (15 bins, fp32)", describe_calibration(curves)])
     facts += [["dataset", config.get("dataset", "?")], ["augmentation", f"{aug.policy}: {describe_policy(aug)}"],
               ["Grad-CAM layer", f"{layer} ({shape[0]}x{shape[1]}x{shape[2]})"]]
     page = render_html(f"tinycifar run report: {run_dir.name}", facts, rendered, history, config)

@@ -387,6 +387,7 @@ class Run:
     saved_epoch: int = 0  # epoch of the newest last.pt on disk
     log: Any = None  # TensorBoardLog when --tensorboard (rank 0)
     tta_result: EvalResult | None = None  # the last epoch's, when the run reports TTA
+    last_result: EvalResult | None = None  # the newest test pass's
 
     @property
     def quiet(self) -> bool:
@@ -647,6 +648,7 @@ def evaluate_and_checkpoint(run: Run, epoch: int, stats: EpochStats) -> float | 
             run.tta_result, result = evaluate_views(run.eval_model, run.test_loader, run.precision, run.cfg.tta_views)
         else:
             result = evaluate(run.eval_model, run.test_loader, run.precision)
+        run.last_result = result
     run.history.append({
         "epoch": epoch + 1, "lr": stats.lr, "train_loss": round(stats.train_loss, 6),
         "train_acc": round(stats.train_acc, 4), "test_loss": round(result.loss, 6) if result else None,
@@ -678,9 +680,13 @@ def finish(run: Run, stop_reason: str) -> RunResult:
     cfg, history = run.cfg, run.history
     summary = build_summary(cfg, history, run.params, run.precision, run.device, run.env, stop_reason,
                             run.steps_per_epoch * cfg.batch_size)
+    if summary["final_acc"] is not None:  # a resumed, finished run tests its weights again
+        final = run.last_result or evaluate(run.eval_model, run.test_loader, run.precision)
+        summary["final_ece"] = round(final.ece, 4)
     if cfg.tta and history:
         tta_result = run.tta_result or evaluate(run.eval_model, run.test_loader, run.precision, tta=cfg.tta_views)
         summary["final_acc_tta"] = round(tta_result.accuracy, 4)
+        summary["final_ece_tta"] = round(tta_result.ece, 4)
     if run.env.is_main:
         try:
             write_json(run.run_dir / "summary.json", summary)
@@ -729,7 +735,8 @@ def summary_line(s: dict[str, Any]) -> str:
                if s["epoch_reached_target"] else f"{s['target']:g}% not reached")
     ips = f", {s['images_per_second']:,.0f} images/s" if s.get("images_per_second") else ""
     tta = f", with TTA {s['final_acc_tta']:.2f}%" if "final_acc_tta" in s else ""
-    return (f"Done: best {s['best_acc']:.2f}% (epoch {s['best_epoch']}), final {s['final_acc']:.2f}%{tta}, "
+    ece = f", ECE {s['final_ece']:.2f}%" if "final_ece" in s else ""
+    return (f"Done: best {s['best_acc']:.2f}% (epoch {s['best_epoch']}), final {s['final_acc']:.2f}%{tta}{ece}, "
             f"{reached}, {s['train_seconds']:.1f} s training{ips}")
 
 
