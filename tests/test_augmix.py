@@ -138,7 +138,7 @@ def test_a_chain_step_applies_each_images_own_operation():
     p = as_batch(images(4))
     op = torch.tensor([-1, OPS.index("equalize"), OPS.index("solarize"), OPS.index("translate_x")])
     level = torch.tensor([2.0, 2.0, 2.0, 2.0])
-    out = chain_step(p, op, level, torch.Generator().manual_seed(0))
+    out = chain_step(p.clone(), op, level, torch.Generator().manual_seed(0))  # in place
     assert torch.equal(out[0], p[0])  # -1: a chain that already ended
     assert torch.equal(out[1], equalize(p[1:2])[0])
     assert torch.equal(out[2], solarize(p[2:3], torch.tensor([256 - 51]))[0])  # 256 - int(25.6 * 2)

@@ -94,21 +94,21 @@ def geometric_thetas(op: torch.Tensor, magnitude: torch.Tensor, h: int, w: int) 
 
 
 def chain_step(p: torch.Tensor, op: torch.Tensor, level: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    """Apply to each image (0..255 floats) the operation ``op`` (n,) names at ``level`` (n,);
-    op -1 leaves an image as it is (its chain is shorter)."""
-    out = p.clone()
+    """Apply to each image (0..255 floats) the operation ``op`` (n,) names at ``level`` (n,), in
+    place; op -1 leaves an image as it is (its chain is shorter). Each image is read and written by
+    one operation only, so no copy of the batch is needed."""
     for k, name in enumerate(OPS[:_FIRST_GEOMETRIC]):
         idx = (op == k).nonzero().squeeze(1)
         if len(idx) == 0:
             continue
         if name == "autocontrast":
-            out[idx] = autocontrast(p[idx])
+            p[idx] = autocontrast(p[idx])
         elif name == "equalize":
-            out[idx] = equalize(p[idx])
+            p[idx] = equalize(p[idx])
         elif name == "posterize":
-            out[idx] = posterize(p[idx], 4 - (level[idx] * 0.4).long())
+            p[idx] = posterize(p[idx], 4 - (level[idx] * 0.4).long())
         else:
-            out[idx] = solarize(p[idx], 256 - (level[idx] * 25.6).long())
+            p[idx] = solarize(p[idx], 256 - (level[idx] * 25.6).long())
     idx = (op >= _FIRST_GEOMETRIC).nonzero().squeeze(1)
     if len(idx):
         sign = torch.randint(0, 2, (len(idx),), generator=g, device=p.device) * 2 - 1
@@ -120,9 +120,9 @@ def chain_step(p: torch.Tensor, op: torch.Tensor, level: torch.Tensor, g: torch.
         shear = (op[idx] == OPS.index("shear_x")) | (op[idx] == OPS.index("shear_y"))
         magnitude = sign * torch.where(shear, magnitude, magnitude.floor())  # whole degrees and pixels
         theta = geometric_thetas(op[idx], magnitude, p.shape[2], p.shape[3])
-        grid = F.affine_grid(theta.to(p.dtype), list(p[idx].shape), align_corners=False)
-        out[idx] = F.grid_sample(p[idx], grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    return out
+        grid = F.affine_grid(theta.to(p.dtype), [len(idx), *p.shape[1:]], align_corners=False)
+        p[idx] = F.grid_sample(p[idx], grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return p
 
 
 def augmix(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, g: torch.Generator, severity: int = 3,
