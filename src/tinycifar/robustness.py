@@ -54,7 +54,8 @@ def evaluate_corruptions(model: nn.Module, test: Split, mean: list[float], std: 
                          batch_size: int = 1000, progress=None) -> CorruptionReport:
     """Accuracy on the clean test set and on each corrupted copy of it."""
     def accuracy(images: torch.Tensor) -> float:
-        loader = DeviceLoader(Split(images, test.labels, test.classes), batch_size, mean, std, device, train=False)
+        loader = DeviceLoader(Split(images, test.labels, test.classes), batch_size, mean, std, device, train=False,
+                              channels_last=True)
         return round(evaluate(model, loader, precision).accuracy, 2)
 
     report = CorruptionReport(accuracy(test.images), severities, seed=seed)
