@@ -143,3 +143,19 @@ def test_gradcam_is_not_fooled_by_an_in_place_relu():
     assert scale > 0 and torch.allclose(cam / scale, expected / scale, atol=1e-5)
     with torch.no_grad():
         assert torch.equal(net(x), logits_before)  # the hook is gone, nothing changed
+
+
+def test_augmentation_figure_shows_augmix_views_beside_the_policy():
+    from tinycifar.data import synthetic_cifar10
+    from tinycifar.report import augmentation_figure, describe_policy, policy_draws
+
+    train, _ = synthetic_cifar10(16)
+    cfg = resolve_config("fast", overrides={"aug": {"augmix": "jsd"}})
+    mean, std = [0.5] * 3, [0.25] * 3
+    fig, text = augmentation_figure(train.images[:3], train.labels[:3], cfg.to_dict(), mean, std)
+    assert "AugMix (3 chains, severity 3, the Jensen-Shannon consistency loss on two views)" in text
+    assert "AugMix" in describe_policy(cfg.aug) and "AugMix" not in describe_policy(resolve_config("fast").aug)
+    assert len(fig.axes) == 3 * 9  # original, 4 policy draws, 4 with AugMix
+    plain = policy_draws(train.images[:3], cfg.aug, mean, std, 1)[0]
+    mixed = policy_draws(train.images[:3], cfg.aug, mean, std, 1, with_augmix=True)[0]
+    assert not torch.allclose(plain, mixed) and mixed.min() >= 0 and mixed.max() <= 1
