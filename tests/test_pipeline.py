@@ -52,6 +52,9 @@ def test_aug_export_refuses_what_albumentations_cannot_say(tmp_path, capsys):
     rc, _, err = run_main(capsys, ["aug", "export", "--preset", "fast", "--set", "aug.cutout_size=8",
                                    "--out", tmp_path / "x.json"])
     one_line(rc, err, "cutout")
+    rc, _, err = run_main(capsys, ["aug", "export", "--preset", "fast", "--set", "aug.augmix=mix",
+                                   "--out", tmp_path / "x.json"])
+    one_line(rc, err, "aug.augmix: albumentations has no AugMix")
     assert not (tmp_path / "x.json").exists()
 
 

@@ -53,6 +53,9 @@ def policy_pipeline(aug: AugmentConfig, mean_pixels: tuple[float, float, float],
     if aug.alternate_flip:
         raise PipelineError("aug.alternate_flip: albumentations draws every image on its own; alternating flips "
                             "cannot be written as a pipeline")
+    if aug.augmix != "off":
+        raise PipelineError("aug.augmix: albumentations has no AugMix (and a pipeline cannot make the extra views "
+                            "of its consistency loss); set aug.augmix=off to export the policy")
     transforms: list[Any] = []
     if aug.policy == "seed":
         hole = aug.dropout_size
