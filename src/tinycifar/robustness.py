@@ -69,19 +69,27 @@ def evaluate_corruptions(model: nn.Module, test: Split, mean: list[float], std: 
 
 
 def heatmap(report: CorruptionReport, title: str = "") -> Figure:
-    """Accuracy per corruption (rows) and severity (columns), the clean accuracy in the title."""
+    """Accuracy per corruption (rows) and severity (columns), each row's mean in a last column, the
+    clean accuracy and the mCA in the title."""
     names = list(report.accuracy)
     values = torch.tensor([[report.accuracy[n][s] for s in report.severities] for n in names])
-    fig = Figure(figsize=(1.3 * len(report.severities) + 3.5, 0.42 * len(names) + 1.6), layout="constrained")
+    values = torch.cat([values, values.mean(1, keepdim=True)], 1)
+    columns = [str(s) for s in report.severities] + ["mean"]
+    fig = Figure(figsize=(0.9 * len(columns) + 3.6, 0.4 * len(names) + 1.5), layout="constrained")
     ax = fig.subplots()
-    im = ax.imshow(values.numpy(), cmap="RdYlGn", vmin=max(0.0, float(values.min()) - 5), vmax=report.clean)
+    im = ax.imshow(values.numpy(), cmap="RdYlGn", aspect="auto", vmin=max(0.0, float(values.min()) - 5),
+                   vmax=report.clean)
     for r in range(len(names)):
-        for c in range(len(report.severities)):
-            ax.text(c, r, f"{values[r, c]:.1f}", ha="center", va="center", fontsize=9)
-    ax.set_xticks(range(len(report.severities)), [f"severity {s}" for s in report.severities])
+        for c in range(len(columns)):
+            ax.text(c, r, f"{values[r, c]:.1f}", ha="center", va="center", fontsize=9,
+                    fontweight="bold" if c == len(columns) - 1 else "normal")
+    ax.axvline(len(columns) - 1.5, color="white", lw=3)
+    ax.set_xticks(range(len(columns)), columns)
+    ax.set_xlabel("severity")
     ax.set_yticks(range(len(names)), [n.replace("_", " ") for n in names])
     fig.colorbar(im, ax=ax, shrink=0.8, label="test accuracy (%)")
-    ax.set_title(f"{title}clean {report.clean:.2f}%, mean under corruption {report.mean_corruption_accuracy:.2f}%")
+    ax.set_title(f"{title}clean {report.clean:.2f}%, mean under corruption {report.mean_corruption_accuracy:.2f}%",
+                 fontsize=11)
     return fig
 
 
