@@ -62,6 +62,17 @@ def test_results_are_deterministic_for_a_seed(images, name):
     assert np.array_equal(first, other) == (name not in RANDOM)
 
 
+def test_glass_blur_moves_each_pixel_at_most_one_step_up_or_left_as_cifar10c_did():
+    # severity 1 blurs with sigma 0.05, a one-tap kernel: only the jitter changes pixels
+    image = np.random.default_rng(0).integers(0, 256, size=(32, 32, 3), dtype=np.uint8)
+    out = corrupt_image(image, "glass_blur", 1, seed=0, index=0).astype(int)
+    sources = np.stack([np.roll(image, (dr, dc), axis=(0, 1)) for dr in (0, 1) for dc in (0, 1)]).astype(int)
+    near = (np.abs(sources - out).max(axis=-1) <= 1).any(axis=0)  # the uint8 round trip may lose one
+    assert near[2:, 2:].all()
+    assert (np.abs(out[:2] - image[:2]) <= 1).all() and (np.abs(out[:, :2] - image[:, :2]) <= 1).all()
+    assert (np.abs(out - image) > 1).any(axis=-1).mean() > 0.3  # yet most pixels moved
+
+
 def test_names_families_and_severities():
     assert len(CORRUPTIONS) == 15 and sorted(sum(FAMILIES.values(), ())) == sorted(CORRUPTIONS)
     assert parse_corruptions("all") == list(CORRUPTIONS)

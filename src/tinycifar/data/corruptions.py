@@ -33,6 +33,8 @@ import torch
 from PIL import Image
 
 CACHE_VERSION = 1
+# a corruption whose images changed gets a new revision, so only its cached sets are built again
+REVISIONS = {"glass_blur": 2}
 Rng = np.random.Generator
 
 
@@ -150,14 +152,21 @@ def defocus_blur(x, s, rng):
 
 
 def glass_blur(x, s, rng):
-    sigma, delta, iterations = [(0.05, 1, 1), (0.25, 1, 1), (0.4, 1, 1), (0.25, 1, 2), (0.4, 1, 2)][s - 1]
+    """Blur, jitter each pixel by at most one step up or left, blur again.
+
+    The original loop meant to swap each pixel with a random neighbour, but its tuple assignment of
+    numpy views (``x[h, w], x[h', w'] = x[h', w'], x[h, w]``) copies the neighbour into the pixel and
+    leaves the neighbour as it was. Its offsets are -1 or 0 and it walks from the bottom-right, so each
+    pixel reads a neighbour not yet visited: one gather per pass gives CIFAR-10-C's images. A true swap
+    would carry pixels across the whole image, a far harsher corruption than the benchmark's.
+    """
+    sigma, passes = [(0.05, 1), (0.25, 1), (0.4, 1), (0.25, 2), (0.4, 2)][s - 1]
     img = (_gaussian(_unit(x), sigma) * 255).astype(np.uint8)
-    h, w = img.shape[:2]
-    for _ in range(iterations):  # swap each pixel with a random neighbour, bottom-right to top-left
-        for r in range(h - delta, delta, -1):
-            for c in range(w - delta, delta, -1):
-                dr, dc = rng.integers(-delta, delta, size=2)
-                img[[r, r + dr], [c, c + dc]] = img[[r + dr, r], [c + dc, c]]
+    rows, cols = np.indices(img.shape[:2])
+    visited = (rows >= 2) & (cols >= 2)  # the original loop leaves the first two rows and columns alone
+    for _ in range(passes):
+        drow, dcol = rng.integers(-1, 1, size=(2, *img.shape[:2])) * visited
+        img = img[rows + drow, cols + dcol]
     return np.clip(_gaussian(_unit(img), sigma), 0, 1)
 
 
@@ -328,7 +337,8 @@ def cache_folder() -> Path:
 def cached_corruption(images: torch.Tensor, name: str, severity: int, seed: int = 0) -> torch.Tensor:
     """``corrupt_split`` once per (images, corruption, severity, seed); later calls read the cache."""
     digest = hashlib.sha256(images.numpy().tobytes()).hexdigest()[:16]
-    path = cache_folder() / f"v{CACHE_VERSION}-{digest}-{name}-s{severity}-seed{seed}.pt"
+    revision = f"r{REVISIONS[name]}" if name in REVISIONS else ""
+    path = cache_folder() / f"v{CACHE_VERSION}-{digest}-{name}{revision}-s{severity}-seed{seed}.pt"
     if path.is_file():
         try:
             cached = torch.load(path, weights_only=True)
