@@ -78,3 +78,6 @@ def test_evaluation_reports_the_ece_of_its_own_probabilities(setting):
     assert plain.ece == pytest.approx(expected_calibration_error(calibration_bins(logits.softmax(1), y)), abs=1e-4)
     assert with_tta.ece == pytest.approx(expected_calibration_error(calibration_bins(tta_logits.softmax(1), y)),
                                          abs=1e-4)
+    probs = logits.softmax(1)
+    mean_gap = 100 * (probs.max(1).values.mean() - (probs.argmax(1) == y).float().mean())
+    assert plain.overconfidence == pytest.approx(float(mean_gap), abs=1e-3)

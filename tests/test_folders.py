@@ -121,7 +121,9 @@ def test_a_folder_dataset_trains_end_to_end_with_its_class_names_everywhere(tmp_
 
     rc, out, err = run_main(capsys, ["eval", "--checkpoint", run / "best.pt", "--json"])
     assert rc == 0, err
-    assert set(json.loads(out)["per_class"]) == set(CLASSES)
+    report = json.loads(out)
+    assert set(report["per_class"]) == set(CLASSES)
+    assert report["ece"] >= abs(report["overconfidence"]) - 1e-9  # the mean gap can't exceed the binned one
 
     image = next((root / "test" / "owl").iterdir())
     rc, out, err = run_main(capsys, ["predict", "--checkpoint", run / "best.pt", "--json", image])

@@ -230,11 +230,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(json.dumps({"checkpoint": str(args.checkpoint), "model": state["model"], "tta": args.tta,
                           "precision": precision, "accuracy": result.accuracy, "loss": result.loss,
                           "correct": result.correct, "total": result.total, "ece": result.ece,
+                          "overconfidence": result.overconfidence,
                           "per_class": dict(zip(classes, result.per_class, strict=True)),
                           "confusion": result.confusion.tolist()}, indent=2))
         return 0
     print(result.line())
-    print(f"Expected calibration error (15 bins): {result.ece:.2f}%")
+    lean = "over-confident" if result.overconfidence > 0 else "under-confident"
+    print(f"Expected calibration error (15 bins): {result.ece:.2f}%; mean confidence minus accuracy "
+          f"{result.overconfidence:+.2f} points ({lean})")
     print("\nper-class accuracy:")
     for name, acc in zip(classes, result.per_class, strict=True):
         print(f"  {name:<11}{acc:6.2f}%")

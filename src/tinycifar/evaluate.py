@@ -84,6 +84,11 @@ class EvalResult:
         return expected_calibration_error(self.calibration)
 
     @property
+    def overconfidence(self) -> float:
+        """Mean confidence minus accuracy, in points: positive over-confident, negative under-."""
+        return mean_overconfidence(self.calibration)
+
+    @property
     def accuracy(self) -> float:
         return 100.0 * self.correct / max(self.total, 1)
 
