@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -267,3 +268,15 @@ def test_a_real_process_prints_one_line_and_exits_2(tmp_path, argv, fragment):
     assert len(lines) == 1 and fragment in lines[0], out.stderr
     assert out.stdout == ""
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_reader_that_leaves_early_ends_the_command_quietly(monkeypatch, capsys):
+    # `tinycifar models | head -1`: the pipe closes under the writer
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    with capsys.disabled():
+        closed = os.fdopen(write_end, "w", buffering=1)
+        monkeypatch.setattr(sys, "stdout", closed)
+        assert main(["models"]) == 141
+        monkeypatch.undo()
+        closed.close()  # stdout now points at the null device: closing flushes without an error
