@@ -7,6 +7,8 @@ import torch
 from torch import nn
 
 from tinycifar.models import MODEL_REGISTRY, count_params, create_model, register_model
+from tinycifar.models.layers import SqueezeExcite
+from tinycifar.models.rules import check
 from tinycifar.models.summary import receptive_field, receptive_field_walk
 
 
@@ -130,3 +132,26 @@ def test_slimres_family_sizes_match_their_names_and_docstrings(name, params):
     assert count_params(model) == params
     assert f"{params:,}" in MODEL_REGISTRY[name].__doc__
     assert receptive_field(model) == 61
+
+
+@pytest.mark.parametrize("name, params", [("slimres50k", 52_418), ("slimres100k", 113_950), ("slimres200k", 199_034)])
+def test_slimres_with_squeeze_excitation_keeps_every_rule(name, params):
+    model = create_model(name, se_reduction=16)
+    assert count_params(model) == params < 200_000
+    report = check(model)
+    assert report.passed, report.format()
+    assert receptive_field(model) == 61  # the gate's global mean does not widen the field
+
+
+def test_squeeze_excite_scales_each_channel_by_a_gate_from_the_whole_map():
+    torch.manual_seed(0)
+    se = SqueezeExcite(8, 2)
+    x = torch.randn(2, 8, 5, 5)
+    out = se(x)
+    ratio = out / x
+    assert torch.allclose(ratio, ratio[..., :1, :1].expand_as(ratio), atol=1e-5)  # one factor per channel
+    assert ((ratio > 0) & (ratio < 1)).all()
+    shifted = x.clone()
+    shifted[0, :, 0, 0] += 10  # one pixel moves every channel's gate of that image only
+    assert not torch.allclose(se(shifted)[0, :, 4, 4], out[0, :, 4, 4])
+    assert torch.allclose(se(shifted)[1], out[1])

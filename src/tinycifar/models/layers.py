@@ -53,6 +53,24 @@ class Residual(nn.Module):
         return x + self.body(x)
 
 
+class SqueezeExcite(nn.Module):
+    """Channel attention (Hu et al., 2018): each channel scaled by a gate computed from the
+    whole map's channel means, through a ``hidden``-wide bottleneck.
+
+    It buys global context for about ``2 * channels * hidden`` weights; the global average here
+    does not count toward the receptive field or the classifier's pooling (models/graph.py).
+    """
+
+    def __init__(self, channels: int, hidden: int):
+        super().__init__()
+        self.reduce = nn.Conv2d(channels, hidden, 1)
+        self.expand = nn.Conv2d(hidden, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate = self.expand(torch.relu(self.reduce(x.mean((2, 3), keepdim=True))))
+        return x * torch.sigmoid(gate)
+
+
 class ClassifierHead(nn.Sequential):
     """Global average pooling, then a linear layer to the classes."""
 
