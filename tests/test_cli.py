@@ -84,6 +84,8 @@ BAD_TRAIN_OPTIONS = {
     "--set aug not a table": (["--set", "aug=3"], "aug"),
     "--set data not a path": (["--set", "data=3"], "--data"),
     "--set synthetic size 0": (["--set", "synthetic_size=0"], "--synthetic-size"),
+    "--mix with the jsd loss": (["--mix", "cutmix", "--augmix", "jsd"], "aug.mix"),
+    "--set mix probability 2": (["--mix", "mixup", "--set", "aug.mix_p=2"], "aug.mix_p"),
     "unknown option": (["--colour", "blue"], "unrecognized arguments"),
 }
 
@@ -182,6 +184,13 @@ def test_a_good_config_file_is_applied(tmp_path, capsys):
     assert rc == 0, err
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["seed"] == 3 and config["aug"]["policy"] == "none"
+
+
+def test_mix_flag_reaches_the_recorded_config(tmp_path, capsys):
+    rc, _, err = run_main(capsys, base(tmp_path / "run") + ["--mix", "cutmix", "--set", "aug.mix_alpha=0.5"])
+    assert rc == 0, err
+    aug = json.loads((tmp_path / "run" / "config.json").read_text())["aug"]
+    assert (aug["mix"], aug["mix_alpha"]) == ("cutmix", 0.5)
 
 
 # ---------------------------------------------------------------------------- eval

@@ -89,6 +89,9 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--augmix", dest="augmix_mode", default=None, choices=("off", "mix", "jsd"),
                    help="AugMix after the policy, for robustness to corruptions: mix (one AugMix view per image) "
                         "or jsd (two views and the Jensen-Shannon consistency loss; 3x the images a step)")
+    p.add_argument("--mix", dest="mix_mode", default=None, choices=("off", "mixup", "cutmix"),
+                   help="blend each batch with a shuffled copy of itself, targets included: mixup (pixels) or "
+                        "cutmix (a pasted box); aug.mix_alpha and aug.mix_p tune it")
     flags = [("--resume", "resume", True, "continue the run in --out from its last.pt"),
              ("--quiet", "quiet", True, "no progress output"),
              ("--report", "report", True, "write the HTML report at the end"),
@@ -124,8 +127,8 @@ def _model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return parse_assignments([f"model_kwargs.{text}" for text in args.model_arg]).get("model_kwargs", {})
 
 
-_NOT_CONFIG = {"command", "preset", "config", "set", "aug_policy", "augmix_mode", "func", "model_arg", "start_lr",
-               "end_lr", "steps"}
+_NOT_CONFIG = {"command", "preset", "config", "set", "aug_policy", "augmix_mode", "mix_mode", "func", "model_arg",
+               "start_lr", "end_lr", "steps"}
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -135,6 +138,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         values.setdefault("aug", {})["policy"] = args.aug_policy
     if args.augmix_mode is not None:
         values.setdefault("aug", {})["augmix"] = args.augmix_mode
+    if args.mix_mode is not None:
+        values.setdefault("aug", {})["mix"] = args.mix_mode
     if args.model_arg:
         values["model_kwargs"] = {**values.get("model_kwargs", {}), **_model_kwargs(args)}
     return values

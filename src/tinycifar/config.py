@@ -18,6 +18,7 @@ from typing import Any
 
 from .data.augment import BORDER_MODES, POLICIES, AugmentConfig
 from .data.augmix import MODES as AUGMIX_MODES
+from .data.mixing import MODES as MIX_MODES
 
 
 class ConfigError(ValueError):
@@ -257,6 +258,11 @@ def _validate_aug(aug: AugmentConfig) -> None:
     need(1 <= aug.augmix_width <= 8, "augmix_width", "an integer in 1..8")
     need(0 <= aug.augmix_depth <= 5, "augmix_depth", "an integer in 0..5 (0 = 1..3 at random)")
     need(aug.jsd_weight >= 0, "jsd_weight", "a non-negative number")
+    need(aug.mix in MIX_MODES, "mix", f"one of {', '.join(MIX_MODES)}")
+    need(aug.mix_alpha > 0, "mix_alpha", "a positive number")
+    need(0 <= aug.mix_p <= 1, "mix_p", "a probability in [0, 1]")
+    need(aug.mix == "off" or aug.augmix != "jsd", "mix",
+         "off with augmix=jsd (the consistency loss compares views of one labelled image)")
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -308,6 +314,8 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.step_size > 0, "step_size", "a positive integer", cfg.step_size)
     need(not (cfg.aug_pipeline and cfg.aug.augmix != "off"), "--augmix",
          "off with --aug-pipeline (AugMix runs after the batched policies on the device)", cfg.aug.augmix)
+    need(not (cfg.aug_pipeline and cfg.aug.mix != "off"), "aug.mix",
+         "off with --aug-pipeline (batch mixing runs on the device loader's batches)", cfg.aug.mix)
     need(cfg.aug_workers >= 0, "--aug-workers", "a non-negative number of worker processes", cfg.aug_workers)
     need(cfg.tta_views in ("flip", "flip+translate"), "tta_views", "flip or flip+translate", cfg.tta_views)
     need(cfg.eval_every >= 0, "--eval-every", "a non-negative integer (0 = only after the last epoch)",

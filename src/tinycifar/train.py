@@ -603,7 +603,8 @@ def train_one_epoch(run: Run, epoch: int) -> EpochStats:
         if run.log is not None:
             run.log.step(epoch * steps + i, loss.item(), lr)
         loss_sum += loss.detach() * len(y)
-        correct += (logits[: len(y)].argmax(1) == y).sum()  # the labelled images, not AugMix's views
+        # the labelled images, not AugMix's views; a mixed image counts for its larger share's class
+        correct += (logits[: len(y)].argmax(1) == (y if y.ndim == 1 else y.argmax(1))).sum()
         seen += len(y)
         if not run.quiet and (i % 10 == 0 or i == steps - 1):
             bar.set_description(f"Loss={loss.item():.4f} Batch_id={i} Accuracy={100.0 * correct.item() / seen:.2f}")

@@ -163,6 +163,11 @@ class AugmentConfig:
     augmix_width: int = 3  # chains mixed per view
     augmix_depth: int = 0  # operations per chain; 0 = drawn from 1..3 for each chain
     jsd_weight: float = 12.0  # the consistency term's weight (the paper's lambda)
+    # batch mixing after everything else (data/mixing.py): off | mixup | cutmix; the targets become
+    # class probabilities. alpha: the Beta(alpha, alpha) of the mixing weight; p: share of batches mixed
+    mix: str = "off"
+    mix_alpha: float = 1.0
+    mix_p: float = 1.0
 
 
 POLICIES = ("seed", "fast", "none")

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from .augment import AugmentConfig, augment
 from .augmix import augmix_views
 from .cifar10 import Split
+from .mixing import mix_batch
 
 
 def channel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:
@@ -33,7 +35,8 @@ class DeviceLoader:
     """Yields (images, labels) batches, normalized and optionally augmented, on ``device``.
 
     With ``aug.augmix == "jsd"`` a batch holds three views of each labelled image (the image, then
-    two AugMix views), so ``len(images) == 3 * len(labels)``.
+    two AugMix views), so ``len(images) == 3 * len(labels)``. With ``aug.mix`` on (mixup, CutMix) the
+    labels are class probabilities (N, classes) instead of class indices.
 
     With ``world_size > 1`` each rank gets a disjoint, equally sized slice of every epoch's
     permutation (the remainder is dropped so ranks take the same number of steps).
@@ -61,6 +64,7 @@ class DeviceLoader:
         self.device = torch.device(device)
         self.images = split.images.to(self.device)
         self.labels = split.labels.to(self.device)
+        self.num_classes = len(split.classes)
         self.batch_size, self.train, self.aug, self.seed = batch_size, train, aug, seed
         self.channels_last, self.drop_last = channels_last, drop_last
         self.rank, self.world_size = rank, world_size
@@ -118,6 +122,7 @@ class DeviceLoader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order = self.indices()
         gen = epoch_generator(self.seed, self.epoch, self.device, stream=1 + self.rank)  # own draws per rank
+        mixing_rng = np.random.default_rng([self.seed, self.epoch, self.rank])
         stop = len(order) - len(order) % self.batch_size if self.drop_last else len(order)
         for start in range(0, stop, self.batch_size):
             idx = order[start : start + self.batch_size]
@@ -126,4 +131,8 @@ class DeviceLoader:
                 x = augment(x, self.aug, gen, self.alternating_flips(idx))
                 x = augmix_views(x, self.aug.augmix, self.mean, self.std, gen, self.aug.augmix_severity,
                                  self.aug.augmix_width, self.aug.augmix_depth)
-            yield self.finish(x), self.labels[idx]
+            labels = self.labels[idx]
+            if self.train and self.aug is not None and self.aug.mix != "off":
+                x, labels = mix_batch(x, labels, self.num_classes, self.aug.mix, self.aug.mix_alpha, self.aug.mix_p,
+                                      gen, mixing_rng)
+            yield self.finish(x), labels
