@@ -1,7 +1,9 @@
 """Gather finished run folders into one accuracy table (JSON + Markdown).
 
 Long runs are trained with `tinycifar train` in the background (checkpointed, resumable);
-this reads what they wrote, so every number in the table comes from a run folder.
+this reads what they wrote, so every number in the table comes from a run folder. Runs are
+grouped into recipes by folder name, less a trailing seed (`best100-s0` and `best100-s1` are
+recipe `best100`), and each recipe gets its medians.
 
     python benchmarks/collect_runs.py runs/best-s0 runs/best-s1 --out benchmarks/results/best
 """
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -21,7 +24,13 @@ from time_to_accuracy import median_of  # noqa: E402
 from tinycifar import compare  # noqa: E402
 
 COLUMNS = ["run", "model", "params", "seed", "epochs", "batch", "threads", "final_acc", "final_acc_tta", "best_acc",
-           "train_minutes", "eval_minutes", "images_per_second"]
+           "final_ece", "final_ece_tta", "train_minutes", "eval_minutes", "images_per_second"]
+MEDIAN_KEYS = ("final_acc", "final_acc_tta", "best_acc", "final_ece", "final_ece_tta", "train_minutes")
+
+
+def recipe_of(run_dir: Path) -> str:
+    """The folder's name less a trailing seed: '-s0', '-seed1', '_s2'."""
+    return re.sub(r"[-_](s|seed)\d+$", "", run_dir.name)
 
 
 def read_run(run_dir: Path) -> dict:
@@ -32,10 +41,13 @@ def read_run(run_dir: Path) -> dict:
         raise SystemExit(str(e)) from None
     if info.status != "finished":
         raise SystemExit(f"{run_dir}: not a finished run folder (no summary.json)")
+    kwargs = ",".join(f"{k}={v}" for k, v in info.model_kwargs.items())
     return {
-        "run": info.run, "model": info.network, "params": info.params, "seed": info.seed,
+        "run": info.run, "recipe": recipe_of(run_dir), "model": f"{info.network}({kwargs})" if kwargs else info.network,
+        "params": info.params, "seed": info.seed,
         "epochs": len(info.history), "batch": info.batch_size, "threads": info.threads, "final_acc": info.final_acc,
-        "final_acc_tta": info.final_acc_tta, "best_acc": info.best_acc,
+        "final_acc_tta": info.final_acc_tta, "best_acc": info.best_acc, "final_ece": info.final_ece,
+        "final_ece_tta": info.final_ece_tta,
         "train_minutes": round(info.train_seconds / 60, 1), "eval_minutes": round(info.eval_seconds / 60, 1),
         "images_per_second": info.images_per_second,
     }
@@ -49,10 +61,10 @@ def main() -> None:
 
     rows = [read_run(r) for r in args.runs]
     medians = []
-    for model in dict.fromkeys(r["model"] for r in rows):
-        mine = [r for r in rows if r["model"] == model]
-        medians.append({"model": model, "params": mine[0]["params"], "runs": len(mine),
-                        **{k: median_of(mine, k) for k in ("final_acc", "final_acc_tta", "best_acc", "train_minutes")}})
+    for recipe in dict.fromkeys(r["recipe"] for r in rows):
+        mine = [r for r in rows if r["recipe"] == recipe]
+        medians.append({"recipe": recipe, "model": mine[0]["model"], "params": mine[0]["params"], "runs": len(mine),
+                        **{k: median_of(mine, k) for k in MEDIAN_KEYS}})
     report = {"command": command_line(), "machine": machine_info(), "runs": rows, "medians": medians}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -61,9 +73,8 @@ def main() -> None:
           "Machine: " + ", ".join(f"{k}={v}" for k, v in report["machine"].items()), "",
           "TTA: logits averaged over 6 views (identity, horizontal flip, and both shifted by one pixel "
           "diagonally each way). Training minutes exclude the per-epoch evaluation passes (eval_minutes).", "",
-          "## Per run", "", markdown_table(rows, COLUMNS), "", "## Median per network", "",
-          markdown_table(medians, ["model", "params", "runs", "final_acc", "final_acc_tta", "best_acc",
-                                   "train_minutes"])]
+          "## Per run", "", markdown_table(rows, COLUMNS), "", "## Median per recipe", "",
+          markdown_table(medians, ["recipe", "model", "params", "runs", *MEDIAN_KEYS])]
     out.with_suffix(".md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
 

@@ -60,3 +60,13 @@ def test_a_checkpoint_folder_with_only_metrics_is_a_run(runs, tmp_path):
     assert info.status == "unfinished" and info.network is None and len(info.history) == 1
     with pytest.raises(NotARun):
         read_run(tmp_path / "nope")
+
+
+def test_a_finished_run_carries_its_calibration_and_the_networks_arguments(runs, tmp_path):
+    summary = json.loads((runs[1] / "summary.json").read_text())
+    info = read_run(runs[1])
+    assert info.final_ece is not None and info.final_ece == summary["final_ece"]
+    assert info.final_ece_tta == summary["final_ece_tta"]
+    assert info.model_kwargs == {} and read_run(runs[2]).final_ece is None  # the killed run wrote no summary
+    se = read_run(train_tiny_run(tmp_path / "se", model="slimres50k", model_kwargs={"se_reduction": 16}, low_res=0))
+    assert se.model_kwargs == {"se_reduction": 16} and se.params == 52_418

@@ -48,6 +48,9 @@ class RunInfo:
     batch_size: int | None = None
     threads: int | None = None
     eval_seconds: float = 0.0
+    final_ece: float | None = None  # expected calibration error (15 bins), percent; with TTA below
+    final_ece_tta: float | None = None
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
     history: list[dict[str, float]] = field(default_factory=list, repr=False)
 
     def row(self) -> dict[str, Any]:
@@ -85,7 +88,9 @@ def read_run(run_dir: str | Path) -> RunInfo:
         final_acc_tta=summary.get("final_acc_tta"), train_seconds=train_seconds,
         images_per_second=summary.get("images_per_second"), status="finished" if summary else "unfinished",
         seed=config.get("seed"), batch_size=config.get("batch_size"), threads=config.get("threads"),
-        eval_seconds=round(sum(h.get("eval_seconds", 0.0) for h in history), 3), history=history)
+        eval_seconds=round(sum(h.get("eval_seconds", 0.0) for h in history), 3),
+        final_ece=summary.get("final_ece"), final_ece_tta=summary.get("final_ece_tta"),
+        model_kwargs=config.get("model_kwargs") or {}, history=history)
 
 
 def read_runs(run_dirs: list[str | Path], on_skip=None) -> list[RunInfo]:
