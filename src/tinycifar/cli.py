@@ -17,6 +17,8 @@ from typing import Any
 from .checkpoint import CheckpointError
 from .config import PRESETS, ConfigError, load_config_file, parse_assignments, resolve_config
 from .data import DatasetError, classes_of
+from .data.augmix import MODES as AUGMIX_MODES
+from .data.mixing import MODES as MIX_MODES
 from .models import ModelError
 from .models.rules import RulesError
 
@@ -86,10 +88,10 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     for flag, kind, text in fields:
         p.add_argument(flag, type=kind, default=None, help=text)
     p.add_argument("--aug", dest="aug_policy", default=None, help="augmentation policy: seed, fast or none")
-    p.add_argument("--augmix", dest="augmix_mode", default=None, choices=("off", "mix", "jsd"),
+    p.add_argument("--augmix", dest="augmix_mode", default=None, choices=AUGMIX_MODES,
                    help="AugMix after the policy, for robustness to corruptions: mix (one AugMix view per image) "
                         "or jsd (two views and the Jensen-Shannon consistency loss; 3x the images a step)")
-    p.add_argument("--mix", dest="mix_mode", default=None, choices=("off", "mixup", "cutmix"),
+    p.add_argument("--mix", dest="mix_mode", default=None, choices=MIX_MODES,
                    help="blend each batch with a shuffled copy of itself, targets included: mixup (pixels) or "
                         "cutmix (a pasted box); aug.mix_alpha and aug.mix_p tune it")
     flags = [("--resume", "resume", True, "continue the run in --out from its last.pt"),

@@ -126,13 +126,12 @@ class DeviceLoader:
         stop = len(order) - len(order) % self.batch_size if self.drop_last else len(order)
         for start in range(0, stop, self.batch_size):
             idx = order[start : start + self.batch_size]
-            x = self.normalize(self.images[idx])
+            x, labels = self.normalize(self.images[idx]), self.labels[idx]
             if self.train and self.aug is not None:
                 x = augment(x, self.aug, gen, self.alternating_flips(idx))
                 x = augmix_views(x, self.aug.augmix, self.mean, self.std, gen, self.aug.augmix_severity,
                                  self.aug.augmix_width, self.aug.augmix_depth)
-            labels = self.labels[idx]
-            if self.train and self.aug is not None and self.aug.mix != "off":
-                x, labels = mix_batch(x, labels, self.num_classes, self.aug.mix, self.aug.mix_alpha, self.aug.mix_p,
-                                      gen, mixing_rng)
+                if self.aug.mix != "off":
+                    x, labels = mix_batch(x, labels, self.num_classes, self.aug.mix, self.aug.mix_alpha,
+                                          self.aug.mix_p, gen, mixing_rng)
             yield self.finish(x), labels
