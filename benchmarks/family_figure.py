@@ -6,6 +6,10 @@ drawn hollow so that nobody mistakes them for our measurements.
 
     python benchmarks/family_figure.py --table benchmarks/results/best_family.json \
         --runs runs/fast5/fast-seed* runs/seed-wall/seed-seed* --out docs/family.png
+
+``--before`` draws an earlier recipe's slimres family faintly behind the current one, so the
+figure shows what the new recipe gained at each size; ``--rename`` gives a network a shorter
+label (runs recorded as ``slimres200k(se_reduction=16)`` are the registered ``slimres200k_se``).
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ ANCHORS = [
 # label offsets in points where the default (right, below) would collide
 OFFSETS = {"fastnet": (-95, 8), "era9": (8, -26), "ResNet-20": (8, -26), "ResNet-110": (-40, -30),
            "ResNet-8 (MLPerf Tiny target)": (6, -24)}
-PRESET_OF = {"fastnet": "fast preset", "era9": "seed preset"}
+PRESET_OF = {"fastnet": "fast preset", "era9": "seed preset", "slimres200k_se": "best preset"}
 BUDGET = 200_000
 
 
@@ -70,11 +74,14 @@ def medians(rows: list[dict]) -> list[dict]:
     return sorted(points, key=lambda p: p["params"])
 
 
-def plot(points: list[dict]) -> Figure:
+def plot(points: list[dict], before: list[dict] | None = None, before_label: str = "") -> Figure:
     fig = Figure(figsize=(8.5, 5.2), layout="constrained")
     ax = fig.subplots()
     family = [p for p in points if p["model"].startswith("slimres")]
     others = [p for p in points if not p["model"].startswith("slimres")]
+    if before:
+        ax.plot([p["params"] for p in before], [p["acc"] for p in before], "o:", color="tab:gray", alpha=0.6,
+                label=f"slimres family, {before_label} (ours, no TTA)")
     if family:
         ax.plot([p["params"] for p in family], [p["acc"] for p in family], "o-", color="tab:blue",
                 label="slimres family (ours, no TTA)")
@@ -113,16 +120,25 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True, help="the figure (.png)")
     ap.add_argument("--results", type=Path, default=Path("benchmarks/results/family"),
                     help="where its numbers go (.json and .md)")
+    ap.add_argument("--before", type=Path, help="a collect_runs.py JSON of an earlier recipe, drawn faintly")
+    ap.add_argument("--before-label", default="earlier recipe", help="its legend entry")
+    ap.add_argument("--rename", action="append", default=[], metavar="MODEL=LABEL", help="a network's label")
     args = ap.parse_args()
+    labels = dict(r.rsplit("=", 1) for r in args.rename if "=" in r)  # a model may hold '=' itself
+    if len(labels) != len(args.rename):
+        raise SystemExit("--rename: expected MODEL=LABEL")
     rows = [r for t in args.table for r in rows_from_table(t)] + [row_from_run(d) for d in args.runs]
     if not rows:
         raise SystemExit("no runs: give --table and/or --runs")
-    points = medians(rows)
+    points = medians([{**r, "model": labels.get(r["model"], r["model"])} for r in rows])
+    before = None
+    if args.before:
+        before = [p for p in medians(rows_from_table(args.before)) if p["model"].startswith("slimres")]
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    plot(points).savefig(args.out, dpi=110)
+    plot(points, before, args.before_label).savefig(args.out, dpi=110)
     table = markdown_table(points, ["model", "params", "runs", "acc", "acc_tta"])
     write_results(args.results, "Accuracy against parameters", [table, "", f"Figure: {args.out}"], points=points,
-                  anchors=[dict(zip(("name", "params", "acc"), a, strict=True)) for a in ANCHORS])
+                  before=before, anchors=[dict(zip(("name", "params", "acc"), a, strict=True)) for a in ANCHORS])
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ def test_unknown_preset_names_the_choices():
         resolve_config("nope")
 
 
-@pytest.mark.parametrize("model", ["slimres50k", "slimres200k"])
+@pytest.mark.parametrize("model", ["slimres50k", "slimres200k_se"])
 def test_best_recipe_trains_the_slimres_family_end_to_end(tmp_path, model):
     """Whitening stem, low-resolution epochs, TTA and alternating flips all fit these networks."""
     cfg = resolve_config("best", overrides=dict(

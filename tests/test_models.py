@@ -141,6 +141,18 @@ def test_slimres_with_squeeze_excitation_keeps_every_rule(name, params):
     report = check(model)
     assert report.passed, report.format()
     assert receptive_field(model) == 61  # the gate's global mean does not widen the field
+    assert f"{params:,}" in MODEL_REGISTRY[f"{name}_se"].__doc__
+
+
+@pytest.mark.parametrize("name", ["slimres50k", "slimres100k", "slimres200k"])
+def test_the_se_variants_are_the_family_with_se_reduction_16(name):
+    """Runs recorded as slimres200k + se_reduction=16 and runs of slimres200k_se are one network."""
+    torch.manual_seed(3)
+    named = create_model(f"{name}_se", num_classes=7)
+    torch.manual_seed(3)
+    spelled_out = create_model(name, num_classes=7, se_reduction=16)
+    assert named.state_dict().keys() == spelled_out.state_dict().keys()
+    assert all(torch.equal(named.state_dict()[k], v) for k, v in spelled_out.state_dict().items())
 
 
 def test_squeeze_excite_scales_each_channel_by_a_gate_from_the_whole_map():
