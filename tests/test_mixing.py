@@ -12,6 +12,7 @@ from tinycifar.data import synthetic_cifar10
 from tinycifar.data.augment import AugmentConfig
 from tinycifar.data.loader import DeviceLoader, channel_stats
 from tinycifar.data.mixing import cutmix_box, mix_batch
+from tinycifar.report import read_history
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -92,6 +93,5 @@ def test_config_refuses_bad_mixing_values():
 @pytest.mark.parametrize("mode", ["mixup", "cutmix"])
 def test_a_run_trains_with_batch_mixing(tmp_path, mode):
     run = train_tiny_run(tmp_path / "run", aug={"policy": "fast", "mix": mode})
-    rows = (run / "metrics.csv").read_text().splitlines()
-    train_loss, train_acc = float(rows[1].split(",")[2]), float(rows[1].split(",")[3])
-    assert train_loss > 0 and 0 <= train_acc <= 100
+    (epoch,) = read_history(run, {})
+    assert epoch["train_loss"] > 0 and 0 <= epoch["train_acc"] <= 100
