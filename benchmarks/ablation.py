@@ -22,7 +22,7 @@ from common import command_line, machine_info, markdown_table  # noqa: E402
 from time_to_accuracy import median_of, run_one  # noqa: E402
 
 from tinycifar.config import apply_overrides, parse_assignments, resolve_config  # noqa: E402
-from tinycifar.train import load_data  # noqa: E402
+from tinycifar.training.train import load_data  # noqa: E402
 
 # name -> overrides of the fast preset; "-" takes a lever away, "+" adds one.
 VARIANTS: dict[str, dict] = {

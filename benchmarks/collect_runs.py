@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import command_line, machine_info, markdown_table  # noqa: E402
 from time_to_accuracy import median_of  # noqa: E402
 
-from tinycifar import compare  # noqa: E402
+from tinycifar.reports import compare  # noqa: E402
 
 COLUMNS = ["run", "model", "params", "seed", "epochs", "batch", "threads", "final_acc", "final_acc_tta", "best_acc",
            "final_ece", "final_ece_tta", "train_minutes", "eval_minutes", "images_per_second"]
@@ -34,7 +34,7 @@ def recipe_of(run_dir: Path) -> str:
 
 
 def read_run(run_dir: Path) -> dict:
-    """One finished run's row, from what tinycifar.compare reads out of its folder."""
+    """One finished run's row, from what tinycifar.reports.compare reads out of its folder."""
     try:
         info = compare.read_run(run_dir)
     except compare.NotARun as e:

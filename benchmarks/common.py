@@ -25,7 +25,7 @@ def cpu_model() -> str:
 
 
 def machine_info() -> dict:
-    from tinycifar.train import cpu_supports_bf16
+    from tinycifar.training.train import cpu_supports_bf16
 
     info = {
         "cpu": cpu_model(),

@@ -35,7 +35,7 @@ from tinycifar.data import synthetic_cifar10  # noqa: E402
 from tinycifar.data.augment import augment  # noqa: E402
 from tinycifar.evaluate import autocast_context  # noqa: E402
 from tinycifar.models.summary import model_summary  # noqa: E402
-from tinycifar.train import build_network, build_optimizer, prepare_model  # noqa: E402
+from tinycifar.training.train import build_network, build_optimizer, prepare_model  # noqa: E402
 
 
 def conv_kind(module: nn.Conv2d) -> str:

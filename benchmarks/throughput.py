@@ -28,7 +28,7 @@ from common import command_line, machine_info, markdown_table  # noqa: E402
 from tinycifar.data.augment import AugmentConfig, augment  # noqa: E402
 from tinycifar.evaluate import autocast_context  # noqa: E402
 from tinycifar.models import create_model  # noqa: E402
-from tinycifar.train import TrainConfig, build_optimizer  # noqa: E402
+from tinycifar.training.train import TrainConfig, build_optimizer  # noqa: E402
 
 
 def sync(device: torch.device) -> None:

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import command_line, machine_info, markdown_table, write_results  # noqa: E402
 
 from tinycifar.config import TrainConfig, apply_overrides, parse_assignments, resolve_config, validate  # noqa: E402
-from tinycifar.train import load_data, train  # noqa: E402
+from tinycifar.training.train import load_data, train  # noqa: E402
 
 
 def run_one(cfg: TrainConfig, seed: int, target: float, data, out_root: Path) -> dict:

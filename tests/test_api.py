@@ -11,7 +11,7 @@ from matplotlib.figure import Figure
 from torch import nn
 
 import tinycifar
-from tinycifar import train as train_module
+from tinycifar.training import train as train_module
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -25,7 +25,7 @@ from tinycifar.data.augmix import (
     solarize,
 )
 from tinycifar.data.loader import DeviceLoader, channel_stats
-from tinycifar.report import read_history
+from tinycifar.reports.report import read_history
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

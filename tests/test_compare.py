@@ -8,7 +8,7 @@ import pytest
 from cli_helpers import run_main
 from tiny_run import train_tiny_run
 
-from tinycifar.compare import NotARun, read_run
+from tinycifar.reports.compare import NotARun, read_run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

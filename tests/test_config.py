@@ -6,7 +6,7 @@ import pytest
 
 from tinycifar.config import PRESETS, ConfigError, apply_overrides, parse_assignments, resolve_config
 from tinycifar.models import MODEL_REGISTRY, count_params, create_model
-from tinycifar.train import train
+from tinycifar.training.train import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

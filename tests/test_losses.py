@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tinycifar.config import resolve_config
-from tinycifar.losses import AugMixConsistency, build_criterion
+from tinycifar.training.losses import AugMixConsistency, build_criterion
 
 
 def test_the_recipe_picks_its_loss():

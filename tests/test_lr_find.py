@@ -14,8 +14,8 @@ from torch import nn
 from tinycifar.config import PRESETS, resolve_config
 from tinycifar.data import synthetic_cifar10
 from tinycifar.data.loader import DeviceLoader, channel_stats
-from tinycifar.lr_find import lr_find, range_test, suggest
 from tinycifar.models import create_model
+from tinycifar.training.lr_find import lr_find, range_test, suggest
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SMALL = {"dataset": "synthetic", "synthetic_size": 400, "batch_size": 50, "threads": 1, "quiet": True,

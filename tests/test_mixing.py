@@ -12,7 +12,7 @@ from tinycifar.data import synthetic_cifar10
 from tinycifar.data.augment import AugmentConfig
 from tinycifar.data.loader import DeviceLoader, channel_stats
 from tinycifar.data.mixing import cutmix_box, mix_batch
-from tinycifar.report import read_history
+from tinycifar.reports.report import read_history
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

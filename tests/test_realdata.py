@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tinycifar.config import resolve_config
-from tinycifar.train import train
+from tinycifar.training.train import train
 
 ROOT = os.environ.get("CIFAR10_ROOT")
 pytestmark = [

@@ -223,7 +223,7 @@ def test_disk_full_on_a_checkpoint_stops_cleanly_and_resume_finishes(tmp_path, r
 
 
 def test_disk_full_on_the_summary_keeps_the_checkpoint(tmp_path, reference, monkeypatch, capsys):
-    from tinycifar import train as train_mod
+    from tinycifar.training import train as train_mod
 
     out = tmp_path / "run"
     real = train_mod.write_json

@@ -16,9 +16,9 @@ from torch import nn
 from tinycifar.cli import main
 from tinycifar.config import resolve_config
 from tinycifar.models import MODEL_REGISTRY, create_model
-from tinycifar.report import find_gradcam_layer, grad_cam, upsample_cam, write_report
+from tinycifar.reports.report import find_gradcam_layer, grad_cam, upsample_cam, write_report
 from tinycifar.serving.inference import run_split
-from tinycifar.train import load_data
+from tinycifar.training.train import load_data
 
 FIGURES = ("curves.png", "misclassified.png", "confusion_matrix.png", "reliability.png", "per_class_accuracy.png",
            "augmentations.png", "gradcam.png")
@@ -147,7 +147,7 @@ def test_gradcam_is_not_fooled_by_an_in_place_relu():
 
 def test_augmentation_figure_shows_augmix_views_beside_the_policy():
     from tinycifar.data import synthetic_cifar10
-    from tinycifar.report import augmentation_figure, describe_policy, policy_draws
+    from tinycifar.reports.report import augmentation_figure, describe_policy, policy_draws
 
     train, _ = synthetic_cifar10(16)
     cfg = resolve_config("fast", overrides={"aug": {"augmix": "jsd"}})

@@ -22,7 +22,7 @@ import pytest
 from cli_helpers import one_line, run_main
 from optuna.trial import TrialState
 
-from tinycifar.sweep import load_sweep, run_sweep
+from tinycifar.training.sweep import load_sweep, run_sweep
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

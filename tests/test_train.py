@@ -20,7 +20,6 @@ import pytest
 import torch
 from torch import nn
 
-from tinycifar import train as train_mod
 from tinycifar.checkpoint import load_checkpoint, model_from_checkpoint
 from tinycifar.cli import main
 from tinycifar.config import TrainConfig, resolve_config
@@ -28,7 +27,8 @@ from tinycifar.data import DatasetError, synthetic_cifar10
 from tinycifar.data.loader import DeviceLoader
 from tinycifar.evaluate import evaluate
 from tinycifar.models import ClassifierHead, Net, create_model
-from tinycifar.train import (
+from tinycifar.training import train as train_mod
+from tinycifar.training.train import (
     METRIC_FIELDS,
     TrainingError,
     build_optimizer,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from tinycifar.config import resolve_config
-from tinycifar.train import train
+from tinycifar.training.train import train
 
 
 def train_tiny_run(out: Path, **overrides) -> Path:

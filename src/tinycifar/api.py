@@ -28,9 +28,9 @@ from .models import build_model
 from .models.registry import source_of_instance
 from .models.rules import CheckReport, Rules, check
 from .models.summary import format_summary, model_summary
-from .report import evaluate_run, gradcam_figure, mistakes_figure, read_history
-from .report import plot_curves as _plot_history
-from .train import RunResult, train
+from .reports.report import evaluate_run, gradcam_figure, mistakes_figure, read_history
+from .reports.report import plot_curves as _plot_history
+from .training.train import RunResult, train
 
 __all__ = ["CheckReport", "Rules", "RunResult", "Summary", "check", "fit", "plot_curves", "plot_gradcam",
            "plot_mistakes", "summary"]

@@ -148,7 +148,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .train import resume_config, train
+    from .training.train import resume_config, train
 
     overrides = _overrides(args)
     auto_lr = overrides.get("lr") == "auto"
@@ -165,7 +165,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg = _with_range_test_lr(cfg)
     result = train(cfg)
     if cfg.report and result.is_main:
-        from .report import write_report
+        from .reports.report import write_report
 
         page = write_report(result.run_dir, model=cfg.model, allow_changed_source=cfg.allow_changed_source)
         if not cfg.quiet:
@@ -177,7 +177,7 @@ def _with_range_test_lr(cfg):
     """``train --lr auto``: the recipe with the range test's suggested peak lr, the test recorded."""
     import os
 
-    from .lr_find import lr_find
+    from .training.lr_find import lr_find
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError("--lr auto: not under torchrun; run `tinycifar lr-find` once and pass its --lr")
@@ -191,7 +191,7 @@ def _with_range_test_lr(cfg):
 
 
 def cmd_lr_find(args: argparse.Namespace) -> int:
-    from .lr_find import check_range, default_out, lr_find, write
+    from .training.lr_find import check_range, default_out, lr_find, write
 
     check_range(args.start_lr, args.end_lr, args.steps)
     overrides = _overrides(args)
@@ -219,7 +219,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .data.loader import DeviceLoader
     from .evaluate import evaluate
     from .serving.inference import run_split
-    from .train import resolve_device, resolve_precision
+    from .training.train import resolve_device, resolve_precision
 
     state = load_checkpoint(args.checkpoint)
     model = model_from_checkpoint(state, args.checkpoint, args.model, args.allow_changed_source)
@@ -259,7 +259,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def eval_corruptions(args: argparse.Namespace, state: dict, model, test, device, precision: str) -> int:
     """``eval --corruptions``: the table (or JSON), and corruptions.json/.png beside the checkpoint."""
     from .data.corruptions import parse_corruptions, parse_severities
-    from .robustness import evaluate_corruptions, save_report
+    from .reports.robustness import evaluate_corruptions, save_report
 
     try:
         names, severities = parse_corruptions(args.corruptions), parse_severities(args.severities)
@@ -366,7 +366,7 @@ def cmd_download(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .report import write_report
+    from .reports.report import write_report
 
     try:
         page = write_report(args.run_dir, data=args.data, model=args.model,
@@ -400,7 +400,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from .compare import format_table, read_runs, write_comparison
+    from .reports.compare import format_table, read_runs, write_comparison
 
     def skip(message: str) -> None:
         print(f"tinycifar compare: {message}; skipped", file=sys.stderr)
@@ -432,7 +432,7 @@ def _from_extra(extra: str, module: str):
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    sweep = _from_extra("sweep", ".sweep")
+    sweep = _from_extra("sweep", ".training.sweep")
     spec = sweep.load_sweep(args.file)
     if args.trials is not None and args.trials < 1:
         raise ConfigError(f"--trials {args.trials}: expected a positive integer")
@@ -601,7 +601,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .train import TrainingError
+    from .training.train import TrainingError
 
     parser = build_parser()
     args = parser.parse_args(argv)

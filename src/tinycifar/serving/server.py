@@ -42,7 +42,7 @@ from ..data import CLASSES, Split, classes_of, image_size_of
 from ..data.images import ImageLoadError, load_image
 from ..models.registry import ModelError, parse_spec, resolve, sha256_of
 from ..models.summary import model_summary
-from ..report import find_gradcam_layer, grad_cam, read_history, upsample_cam
+from ..reports.report import find_gradcam_layer, grad_cam, read_history, upsample_cam
 from .engines import MicroBatcher, OnnxEngine, TorchEngine
 from .inference import NormalizedNet, inference_model, run_split, to_unit_float
 

@@ -28,13 +28,13 @@ import torch
 from matplotlib.figure import Figure
 from torch import nn
 
-from .checkpoint import atomic_write_bytes
-from .config import ConfigError, TrainConfig
-from .data import Split
-from .data.loader import DeviceLoader
-from .evaluate import autocast_context
+from ..checkpoint import atomic_write_bytes
+from ..config import ConfigError, TrainConfig
+from ..data import Split
+from ..data.loader import DeviceLoader
+from ..evaluate import autocast_context
+from ..models.registry import short_name
 from .losses import build_criterion
-from .models.registry import short_name
 from .train import DistEnv, build_optimizer, prepare, set_lr
 
 RULE = "steepest descent of the smoothed loss against log(lr)"

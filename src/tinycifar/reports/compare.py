@@ -19,7 +19,7 @@ from typing import Any
 import matplotlib
 from matplotlib.figure import Figure
 
-from .checkpoint import atomic_write_bytes
+from ..checkpoint import atomic_write_bytes
 from .report import PAGE_CSS, STYLE, html_table, read_history
 
 COLUMNS = ["run", "preset", "network", "params", "epochs", "best_acc", "best_epoch", "final_acc", "final_acc_tta",

@@ -37,19 +37,19 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from torch import nn
 
-from .checkpoint import CheckpointError, atomic_write_bytes
-from .data import CLASSES, Split, classes_of
-from .data.augment import AugmentConfig, augment
-from .data.augmix import augmix
-from .data.pipeline import to_hwc
-from .evaluate import (
+from ..checkpoint import CheckpointError, atomic_write_bytes
+from ..data import CLASSES, Split, classes_of
+from ..data.augment import AugmentConfig, augment
+from ..data.augmix import augmix
+from ..data.pipeline import to_hwc
+from ..evaluate import (
     CALIBRATION_BINS,
     calibration_bins,
     expected_calibration_error,
     mean_overconfidence,
     tta_views,
 )
-from .serving.inference import load_inference_model, run_split, to_unit_float
+from ..serving.inference import load_inference_model, run_split, to_unit_float
 
 MIN_CAM_SIZE = 8
 GALLERY = 24  # misclassified images shown
@@ -404,7 +404,7 @@ def augmentation_figure(images: torch.Tensor, labels: torch.Tensor, config: dict
     a pipeline), the same images through both."""
     aug = aug_config(config)
     if config.get("aug_pipeline"):
-        from .data.pipeline import PipelineError, load_pipeline
+        from ..data.pipeline import PipelineError, load_pipeline
 
         try:
             pipeline = load_pipeline(config["aug_pipeline"], images)
@@ -420,7 +420,7 @@ def augmentation_figure(images: torch.Tensor, labels: torch.Tensor, config: dict
         text += "; left the policy's transforms alone, right followed by AugMix"
     else:
         try:
-            from .data.pipeline import PipelineError, policy_pipeline
+            from ..data.pipeline import PipelineError, policy_pipeline
 
             pipeline = policy_pipeline(aug, tuple(255 * m for m in mean), images.shape[-1])
             blocks.append(("albumentations", pipeline_draws(images, pipeline, 4)))

@@ -46,9 +46,9 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import NullFormatter
 from optuna.trial import TrialState
 
-from .checkpoint import atomic_write_bytes
-from .config import ConfigError, parse_assignments, resolve_config
-from .tomlfile import read_toml
+from ..checkpoint import atomic_write_bytes
+from ..config import ConfigError, parse_assignments, resolve_config
+from ..tomlfile import read_toml
 
 OBJECTIVES = ("final_acc", "best_acc")
 
@@ -274,7 +274,7 @@ def plot_study(study, spec: SweepSpec) -> Figure:
 
 def write_results(study, spec: SweepSpec, out: str | Path) -> Path:
     """results.csv, results.md and results.png in the sweep folder; returns results.md."""
-    from .report import STYLE
+    from ..reports.report import STYLE
 
     out = Path(out)
     rows = results_rows(study, spec)

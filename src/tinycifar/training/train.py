@@ -30,7 +30,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm  # a widget in Jupyter, a text bar in a terminal
 
-from .checkpoint import (
+from ..checkpoint import (
     CheckpointError,
     atomic_write_bytes,
     load_checkpoint,
@@ -38,14 +38,14 @@ from .checkpoint import (
     save_checkpoint,
     user_code_refusal,
 )
-from .config import ConfigError, TrainConfig
-from .data import DatasetError, Split, load_cifar10, synthetic_cifar10
-from .data.folders import load_image_folders
-from .data.loader import DeviceLoader, channel_stats
-from .evaluate import EvalResult, autocast_context, evaluate, evaluate_views
+from ..config import ConfigError, TrainConfig
+from ..data import DatasetError, Split, load_cifar10, synthetic_cifar10
+from ..data.folders import load_image_folders
+from ..data.loader import DeviceLoader, channel_stats
+from ..evaluate import EvalResult, autocast_context, evaluate, evaluate_views
+from ..models import ModelError, ModelSource, build_model, count_params, init_whitening
+from ..models.registry import check_output, short_name
 from .losses import build_criterion
-from .models import ModelError, ModelSource, build_model, count_params, init_whitening
-from .models.registry import check_output, short_name
 
 METRIC_FIELDS = [
     "epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "seconds", "train_seconds_total", "eval_seconds",
@@ -483,7 +483,7 @@ def training_loader(cfg: TrainConfig, env: DistEnv, split: Split, mean: list[flo
     common = dict(seed=cfg.seed, channels_last=cfg.channels_last, drop_last=cfg.drop_last, rank=env.rank,
                   world_size=env.world_size, device=device)
     if cfg.aug_pipeline:
-        from .data.pipeline import PipelineError, PipelineLoader, load_pipeline
+        from ..data.pipeline import PipelineError, PipelineLoader, load_pipeline
 
         try:
             pipeline = load_pipeline(cfg.aug_pipeline, split.images[:8])
@@ -743,7 +743,7 @@ def summary_line(s: dict[str, Any]) -> str:
 
 def resume_config(run_dir: Path, overrides: dict[str, Any]) -> TrainConfig:
     """The config a run was started with, plus the execution options that may change on resume."""
-    from .config import apply_overrides, validate
+    from ..config import apply_overrides, validate
 
     try:
         state = load_checkpoint(run_dir / "last.pt")

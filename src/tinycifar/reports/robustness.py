@@ -16,10 +16,10 @@ import torch
 from matplotlib.figure import Figure
 from torch import nn
 
-from .data import Split
-from .data.corruptions import cached_corruption
-from .data.loader import DeviceLoader
-from .evaluate import evaluate
+from ..data import Split
+from ..data.corruptions import cached_corruption
+from ..data.loader import DeviceLoader
+from ..evaluate import evaluate
 
 
 @dataclass
@@ -95,7 +95,7 @@ def heatmap(report: CorruptionReport, title: str = "") -> Figure:
 
 def save_report(report: CorruptionReport, run_dir: Path, title: str = "") -> tuple[Path, Path]:
     """``corruptions.json`` and ``corruptions.png`` in the run folder, which the HTML report shows."""
-    from .checkpoint import atomic_write_bytes
+    from ..checkpoint import atomic_write_bytes
 
     data, png = run_dir / "corruptions.json", run_dir / "corruptions.png"
     atomic_write_bytes(data, lambda f: f.write((json.dumps(report.to_dict(), indent=2) + "\n").encode()))

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import TrainConfig
-from .data.augmix import views_per_image
+from ..config import TrainConfig
+from ..data.augmix import views_per_image
 
 
 class AugMixConsistency(nn.Module):

@@ -18,8 +18,8 @@ import torch
 from matplotlib.figure import Figure
 from PIL import Image
 
-from .config import ConfigError, TrainConfig
-from .data import Split
+from ..config import ConfigError, TrainConfig
+from ..data import Split
 
 
 def _pixels(fig: Figure) -> np.ndarray:
@@ -41,7 +41,7 @@ def writer_class():
 
 class TensorBoardLog:
     def __init__(self, run_dir: Path, cfg: TrainConfig, train_split: Split, mean: list[float], std: list[float]):
-        from .report import augmentation_figure
+        from ..reports.report import augmentation_figure
 
         self.writer = writer_class()(log_dir=str(Path(run_dir) / "tensorboard"))
         self.classes = train_split.classes
@@ -56,7 +56,7 @@ class TensorBoardLog:
         self.writer.add_scalar("step/lr", lr, step)
 
     def epoch(self, row: dict[str, Any], confusion: torch.Tensor) -> None:
-        from .report import plot_confusion
+        from ..reports.report import plot_confusion
 
         epoch = int(row["epoch"])
         for split in ("train", "test"):

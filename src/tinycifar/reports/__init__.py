@@ -1,0 +1,1 @@
+"""Reports on finished runs: the run report, comparisons of several runs, corruption robustness."""
