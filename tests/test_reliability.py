@@ -38,7 +38,8 @@ TIMING_KEYS = {"train_seconds", "images_per_second", "seconds_to_target"}
 DRIVER = textwrap.dedent("""
     import io, os, signal, sys
     from pathlib import Path
-    from tinycifar import checkpoint, train
+    from tinycifar import checkpoint
+    from tinycifar.training import train
     from tinycifar.cli import main
 
     target, nth, where, argv = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4:]
