@@ -484,3 +484,42 @@ def test_progressive_resizing_trains_the_first_epochs_at_low_resolution(tmp_path
     per_epoch = len(seen) // 4
     assert seen[: 2 * per_epoch] == [16] * (2 * per_epoch)
     assert seen[2 * per_epoch :] == [32] * (2 * per_epoch)
+
+
+# ---------------------------------------------------------------------------- the GPU path, proven on the CPU
+
+
+@pytest.fixture
+def gpus(monkeypatch):
+    """Two fake GPUs: cuda:0 a T4 (compute capability 7.5), cuda:1 whatever the test sets (A100 by default)."""
+    capability = {0: (7, 5), 1: (8, 0)}
+
+    def get_device_capability(device=None):
+        index = torch.device(device).index if device is not None else None
+        return capability[0 if index is None else index]  # the current device is cuda:0
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", get_device_capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # emulation says yes on a T4
+    return capability
+
+
+@pytest.mark.parametrize(("capability", "expected"), [((7, 5), "fp16"), ((8, 0), "bf16"), ((9, 0), "bf16")],
+                         ids=["T4", "A100", "H100"])
+def test_auto_precision_follows_the_chosen_gpus_compute_capability(gpus, capability, expected):
+    gpus[1] = capability
+    assert train_mod.resolve_precision("auto", torch.device("cuda:1")) == expected
+
+
+def test_auto_precision_asks_the_chosen_gpu_not_the_current_one(gpus):
+    assert train_mod.resolve_precision("auto", torch.device("cuda:1")) == "bf16"  # current device is the T4
+    assert train_mod.resolve_precision("auto", torch.device("cuda:0")) == "fp16"
+    assert train_mod.resolve_precision("auto", torch.device("cuda")) == "fp16"
+
+
+def test_bf16_on_a_gpu_without_native_bf16_warns_in_one_line(gpus, capsys):
+    assert train_mod.resolve_precision("bf16", torch.device("cuda:0")) == "bf16"
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--precision bf16" in err and "7.5" in err and "fp16" in err
+    assert train_mod.resolve_precision("bf16", torch.device("cuda:1")) == "bf16"
+    assert train_mod.resolve_precision("fp16", torch.device("cuda:1")) == "fp16"
+    assert capsys.readouterr().err == ""

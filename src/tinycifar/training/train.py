@@ -18,6 +18,7 @@ import io
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -77,14 +78,27 @@ def cpu_supports_bf16() -> bool:
     return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
+def cuda_supports_bf16(device: torch.device) -> bool:
+    """Native bf16 tensor cores arrive with compute capability 8.0 (A100). ``torch.cuda.is_bf16_supported()``
+    also counts emulation, which says yes on a T4 (7.5) and runs slow fallback kernels, and it asks
+    the current device rather than the chosen one (``--device cuda:1``)."""
+    return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
 def resolve_precision(precision: str, device: torch.device) -> str:
-    if precision != "auto":
-        if precision == "fp16" and device.type == "cpu":
-            raise ConfigError("--precision fp16: not supported on the CPU; use bf16 or fp32")
-        return precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "bf16" if cpu_supports_bf16() else "fp32"
+    """The autocast precision for ``device``: auto picks bf16 where it is native, else fp16 on CUDA
+    (trained with a gradient scaler) and fp32 on CPUs without fast bf16."""
+    if precision == "fp16" and device.type == "cpu":
+        raise ConfigError("--precision fp16: not supported on the CPU; use bf16 or fp32")
+    if device.type != "cuda":
+        return precision if precision != "auto" else "bf16" if cpu_supports_bf16() else "fp32"
+    if precision == "auto":
+        return "bf16" if cuda_supports_bf16(device) else "fp16"
+    if precision == "bf16" and not cuda_supports_bf16(device):
+        major, minor = torch.cuda.get_device_capability(device)
+        print(f"tinycifar: warning: --precision bf16 on {device} (compute capability {major}.{minor}) is emulated "
+              "and slow; --precision fp16 or auto uses its fp16 tensor cores", file=sys.stderr)
+    return precision
 
 
 @dataclass
