@@ -51,6 +51,8 @@ from .losses import build_criterion
 METRIC_FIELDS = [
     "epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "seconds", "train_seconds_total", "eval_seconds",
     "finished_unix_seconds",  # Unix time the epoch and its test pass ended: whole-process time-to-accuracy
+    "skipped_steps",  # fp16: steps the gradient scaler skipped because the gradients overflowed
+    "compile_seconds",  # --compile: the first step of the process, which compiled the network (not in seconds)
 ]
 
 
@@ -232,6 +234,31 @@ def ema_with_warmup(decay: float):
     return update
 
 
+def gradient_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler:
+    """fp16's narrow range flushes small gradients to zero: the scaler multiplies the loss before the
+    backward pass and skips a step whose gradients overflowed. bf16 and fp32 need none (a no-op scaler)."""
+    return torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+
+def overflowed(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer) -> bool:
+    """Whether the unscaled gradients hold an inf or NaN, so ``scaler.step`` will skip the step.
+    ``GradScaler.step`` reads these same flags on the host, so reading them adds no synchronisation."""
+    return any(bool(flag.item()) for flag in scaler._found_inf_per_device(optimizer).values())
+
+
+def apply_gradients(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, model: nn.Module,
+                    grad_clip: float) -> bool:
+    """Unscale (clipping must see the true gradients), clip, step, update the scale; returns False when
+    the fp16 gradients overflowed and the step was skipped (weights and momentum untouched)."""
+    scaler.unscale_(optimizer)
+    if grad_clip > 0:
+        nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    skipped = scaler.is_enabled() and overflowed(scaler, optimizer)
+    scaler.step(optimizer)
+    scaler.update()
+    return not skipped
+
+
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     groups = param_groups(model, cfg)
     for g in groups:
@@ -388,6 +415,7 @@ class Run:
     ema: AveragedModel | None
     source: ModelSource
     optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
     criterion: nn.Module
     train_loader: DeviceLoader
     test_loader: DeviceLoader
@@ -427,6 +455,7 @@ class Run:
             "epoch": epoch, "model_state": self.model.state_dict(), "optimizer_state": self.optimizer.state_dict(),
             "ema_state": ema.module.state_dict() if ema is not None else None,
             "ema_full_state": ema.state_dict() if ema is not None else None,
+            "scaler_state": self.scaler.state_dict(),  # empty unless fp16
             "config": self.cfg.to_dict(), "mean": self.mean, "std": self.std, "history": self.history,
             "params": self.params, "classes": list(self.classes),
         }
@@ -533,7 +562,7 @@ def setup(cfg: TrainConfig, env: DistEnv, data: tuple[Split, Split] | None = Non
     if cfg.compile:
         net = torch.compile(net)
     run = Run(cfg, env, device, p.precision, run_dir, model, net, ema, p.source, build_optimizer(model, cfg),
-              build_criterion(cfg), p.train_loader, test_loader, mean, std,
+              gradient_scaler(device, p.precision), build_criterion(cfg), p.train_loader, test_loader, mean, std,
               p.train_split.classes)
     resumed = cfg.resume and restore(run, load_checkpoint(run_dir / "last.pt"))
     announce(run, len(p.train_split), len(p.test_split), resumed)
@@ -551,6 +580,8 @@ def restore(run: Run, state: dict[str, Any]) -> bool:
     run.optimizer.load_state_dict(state["optimizer_state"])
     if run.ema is not None and state.get("ema_full_state"):
         run.ema.load_state_dict(state["ema_full_state"])
+    if run.scaler.is_enabled() and state.get("scaler_state"):  # fp16's scale goes on where it was
+        run.scaler.load_state_dict(state["scaler_state"])
     run.history = list(state["history"])
     run.start_epoch = run.saved_epoch = int(state["epoch"])
     run.train_seconds = float(run.history[-1]["train_seconds_total"]) if run.history else 0.0
@@ -584,6 +615,7 @@ class EpochStats:
     train_acc: float
     seconds: float
     lr: float  # the last step's
+    skipped_steps: int = 0
 
 
 def train_one_epoch(run: Run, epoch: int) -> EpochStats:
@@ -596,7 +628,7 @@ def train_one_epoch(run: Run, epoch: int) -> EpochStats:
     run.model.train()
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
-    seen, lr = 0, cfg.lr
+    seen, lr, skipped = 0, cfg.lr, 0
     if not run.quiet:
         print(f"EPOCH: {epoch + 1}")
     bar = tqdm(run.train_loader, total=steps, disable=run.quiet, dynamic_ncols=True, leave=True)
@@ -608,11 +640,10 @@ def train_one_epoch(run: Run, epoch: int) -> EpochStats:
             logits = run.net(x)
             loss = run.criterion(logits.float(), y)
         run.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip > 0:
-            nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip)
-        run.optimizer.step()
-        if run.ema is not None:
+        run.scaler.scale(loss).backward()
+        applied = apply_gradients(run.optimizer, run.scaler, run.model, cfg.grad_clip)
+        skipped += not applied
+        if run.ema is not None and applied:  # a skipped fp16 step changed no weight: nothing to average
             run.ema.update_parameters(run.model)
         if run.log is not None:
             run.log.step(epoch * steps + i, loss.item(), lr)
@@ -636,7 +667,7 @@ def train_one_epoch(run: Run, epoch: int) -> EpochStats:
                 else "no checkpoint was written yet")
         raise TrainingError(f"epoch {epoch + 1}: training loss is {train_loss}; stopped, {good}; "
                             "lower --lr or set a --grad-clip")
-    return EpochStats(train_loss, train_acc, seconds, lr)
+    return EpochStats(train_loss, train_acc, seconds, lr, skipped)
 
 
 def evaluates_after(cfg: TrainConfig, epoch: int) -> bool:
@@ -669,7 +700,7 @@ def evaluate_and_checkpoint(run: Run, epoch: int, stats: EpochStats) -> float | 
         "train_acc": round(stats.train_acc, 4), "test_loss": round(result.loss, 6) if result else None,
         "test_acc": round(result.accuracy, 4) if result else None, "seconds": round(stats.seconds, 3),
         "train_seconds_total": round(run.train_seconds, 3), "eval_seconds": round(time.perf_counter() - t_eval, 3),
-        "finished_unix_seconds": round(time.time(), 3)})
+        "finished_unix_seconds": round(time.time(), 3), "skipped_steps": stats.skipped_steps})
     if result is not None and not run.quiet:
         print(f"\n{result.line()}\n")
     if result is not None and run.log is not None:
