@@ -130,3 +130,10 @@ def test_fp16_steps_the_scaler_skips_are_counted_and_end_the_test_as_diverged():
     # the scale starts at 2**16 and halves at each skipped step: below 1 after 17 of them
     assert result.diverged and result.skipped_steps == len(result.lrs) == 17
     assert result.summary()["skipped_steps"] == 17
+
+
+def test_lr_find_under_torchrun_is_refused_before_anything_is_written(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    rc, _, err = run_main(capsys, ["lr-find", "--dataset", "synthetic", "--out", tmp_path / "lr"])
+    one_line(rc, err, "lr-find: not under torchrun (2 processes)")
+    assert not (tmp_path / "lr").exists()

@@ -21,6 +21,7 @@ import copy
 import csv
 import io
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -139,6 +140,10 @@ def lr_find(cfg: TrainConfig, data: tuple[Split, Split] | None = None, model: nn
     A network passed as ``model`` is not touched: the test trains a copy of it.
     """
     check_range(start_lr, end_lr, steps)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:  # every process would train on the same device and write the same files
+        raise ConfigError(f"lr-find: not under torchrun ({world} processes); run it as one process, then pass "
+                          "its suggestion to the multi-process run as --lr")
     threads = torch.get_num_threads()
     try:
         # a network handed over is left as it is: the test (whitening stem, channels_last) runs on a copy
