@@ -620,3 +620,11 @@ def test_fp16_run_counts_skipped_steps_keeps_them_out_of_the_ema_and_resumes_its
     resumed = train(train_mod.resume_config(tmp_path / "cut", {"quiet": True, "model": spec}))
     assert without_timing(resumed.history) == without_timing(full.history)
     assert load_checkpoint(tmp_path / "cut" / "last.pt")["scaler_state"] == state["scaler_state"]
+
+
+def test_cudnn_times_its_algorithms_when_training_on_cuda(monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    train_mod.tune_backends(torch.device("cpu"))
+    assert torch.backends.cudnn.benchmark is False
+    train_mod.tune_backends(torch.device("cuda", 1))
+    assert torch.backends.cudnn.benchmark is True

@@ -103,6 +103,13 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
+def tune_backends(device: torch.device) -> None:
+    """Let cuDNN time its convolution algorithms for each input shape and keep the fastest: the shapes
+    are fixed within a phase (full batches at one resolution), so the timing is paid once per shape."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+
 @dataclass
 class DistEnv:
     rank: int = 0
@@ -123,6 +130,10 @@ def init_distributed(device_name: str) -> DistEnv:
     env = DistEnv(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
     use_cuda = device_name.startswith("cuda") or (device_name == "auto" and torch.cuda.is_available())
     if use_cuda:
+        gpus = torch.cuda.device_count()
+        if env.local_rank >= gpus:
+            raise ConfigError(f"torchrun: process {env.local_rank} of this machine has no GPU of its own ({gpus} "
+                              f"GPU{'s' * (gpus != 1)}); pass --nproc-per-node {gpus} or fewer")
         torch.cuda.set_device(env.local_rank)
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
@@ -500,6 +511,7 @@ def prepare(cfg: TrainConfig, env: DistEnv, data: tuple[Split, Split] | None = N
     if device.type == "cuda" and env.world_size > 1:
         device = torch.device("cuda", env.local_rank)
     precision = resolve_precision(cfg.precision, device)
+    tune_backends(device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     if cfg.batch_size % env.world_size:
