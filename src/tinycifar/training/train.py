@@ -22,6 +22,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -116,6 +117,7 @@ class DistEnv:
     world_size: int = 1
     local_rank: int = 0
     owns_group: bool = False  # this call created the process group, so it destroys it at the end
+    wait_group: Any = None  # rank0_first's group: gloo, with RANK0_WAIT as its timeout (None: the default group)
 
     @property
     def is_main(self) -> bool:
@@ -138,10 +140,14 @@ def init_distributed(device_name: str) -> DistEnv:
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
         env.owns_group = True
+    env.wait_group = dist.new_group(backend="gloo", timeout=RANK0_WAIT)
     return env
 
 
 _SHARED_ERRORS = (ConfigError, DatasetError, CheckpointError, ModelError)
+# How long the other ranks wait for rank 0 to download CIFAR-10 or decode a large image folder. NCCL's
+# own timeout (10 minutes) would abort a slow download, so the wait runs on a gloo group of its own.
+RANK0_WAIT = timedelta(hours=2)
 
 
 def rank0_first(env: DistEnv, fn: Callable[[], Any], share: bool = False) -> Any:
@@ -159,7 +165,7 @@ def rank0_first(env: DistEnv, fn: Callable[[], Any], share: bool = False) -> Any
         except _SHARED_ERRORS as e:
             failure = e
     box = [None if failure is None else (type(failure).__name__, str(failure)), result if share else None]
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=0, group=env.wait_group)
     if failure is not None:
         raise failure
     if box[0] is not None:
