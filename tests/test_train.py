@@ -628,3 +628,33 @@ def test_cudnn_times_its_algorithms_when_training_on_cuda(monkeypatch):
     assert torch.backends.cudnn.benchmark is False
     train_mod.tune_backends(torch.device("cuda", 1))
     assert torch.backends.cudnn.benchmark is True
+
+
+def test_compile_compiles_once_across_image_sizes_and_the_partial_batch_and_times_it_apart(tmp_path, monkeypatch):
+    """--compile with progressive resizing (16 px, then 32 px) and a partial last batch (110 = 50 + 50 + 10):
+    one graph, and the compile (made to take 2 s here) is reported as compile_seconds, not in an epoch's."""
+    (tmp_path / "tiny.py").write_text(TINY_NET)
+    graphs = []
+
+    def slow_backend(graph, example_inputs):
+        graphs.append(graph)
+        time.sleep(2.0)
+        return graph.forward
+
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda net: real_compile(net, backend=slow_backend))
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    try:
+        result = train(quick_cfg(tmp_path / "run", model=f"{tmp_path / 'tiny.py'}:Net", synthetic_size=110,
+                                 batch_size=50, drop_last=False, low_res=16, low_res_fraction=0.5, epochs=2,
+                                 compile=True))
+    finally:
+        torch._dynamo.reset()
+    assert len(graphs) == 1 and counters["stats"]["unique_graphs"] == 1
+    first, second = result.history
+    assert first["compile_seconds"] >= 2.0 and second["compile_seconds"] < 2.0  # 32 px: one plain step timed apart
+    assert first["seconds"] < 2.0 and second["seconds"] < 2.0
+    assert result.summary["compile_seconds"] == pytest.approx(first["compile_seconds"] + second["compile_seconds"])
+    assert "s compiling" in train_mod.summary_line(result.summary)

@@ -276,6 +276,26 @@ def apply_gradients(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScal
     return not skipped
 
 
+class CompiledOnce(nn.Module):
+    """``torch.compile`` of ``net`` whose batches have a symbolic batch size and image size, so the
+    partial last batch, and the switch from low-resolution to full-resolution epochs where the network
+    allows it, reuse the first compilation instead of compiling again in the middle of an epoch.
+    Padding or dropping the partial batch would change what is trained, and warming up every shape
+    before the run would take training steps on the real weights; symbolic sizes cost little, as
+    convolutions go to cuDNN whatever the shape. Code that needs one image size (inductor's lowering of
+    adaptive pooling, a flatten into a fixed Linear) is compiled once per size: ``maybe_mark_dynamic``
+    lets it, where ``mark_dynamic`` would fail, and ``train_one_epoch`` times that first step apart."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.compiled = torch.compile(net)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for dim in (0, 2, 3):  # batch, height, width
+            torch._dynamo.maybe_mark_dynamic(x, dim)
+        return self.compiled(x)
+
+
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     groups = param_groups(model, cfg)
     for g in groups:
@@ -447,6 +467,7 @@ class Run:
     log: Any = None  # TensorBoardLog when --tensorboard (rank 0)
     tta_result: EvalResult | None = None  # the last epoch's, when the run reports TTA
     last_result: EvalResult | None = None  # the newest test pass's
+    compiled_sizes: set[int | None] = field(default_factory=set)  # --compile: the image sizes compiled for
 
     @property
     def quiet(self) -> bool:
@@ -578,7 +599,7 @@ def setup(cfg: TrainConfig, env: DistEnv, data: tuple[Split, Split] | None = Non
     if env.world_size > 1:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.compile:
-        net = torch.compile(net)
+        net = CompiledOnce(net)
     run = Run(cfg, env, device, p.precision, run_dir, model, net, ema, p.source, build_optimizer(model, cfg),
               gradient_scaler(device, p.precision), build_criterion(cfg), p.train_loader, test_loader, mean, std,
               p.train_split.classes)
@@ -634,6 +655,7 @@ class EpochStats:
     seconds: float
     lr: float  # the last step's
     skipped_steps: int = 0
+    compile_seconds: float = 0.0  # the first step of a --compile process, which is not in ``seconds``
 
 
 def train_one_epoch(run: Run, epoch: int) -> EpochStats:
@@ -646,10 +668,13 @@ def train_one_epoch(run: Run, epoch: int) -> EpochStats:
     run.model.train()
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
-    seen, lr, skipped = 0, cfg.lr, 0
+    seen, lr, skipped, compile_seconds = 0, cfg.lr, 0, 0.0
+    compiles = cfg.compile and run.train_loader.resolution not in run.compiled_sizes
     if not run.quiet:
         print(f"EPOCH: {epoch + 1}")
     bar = tqdm(run.train_loader, total=steps, disable=run.quiet, dynamic_ncols=True, leave=True)
+    if compiles:  # the queue drained, so the compiling step's time is its own
+        wait_for_device(device)
     t0 = time.perf_counter()
     for i, (x, y) in enumerate(bar):
         lr = cfg.lr * lr_factor(epoch * steps + i, steps * cfg.epochs, steps, cfg)
@@ -663,6 +688,8 @@ def train_one_epoch(run: Run, epoch: int) -> EpochStats:
         skipped += not applied
         if run.ema is not None and applied:  # a skipped fp16 step changed no weight: nothing to average
             run.ema.update_parameters(run.model)
+        if compiles and i == 0:
+            compile_seconds, t0 = compiled_step_seconds(run, t0), time.perf_counter()
         if run.log is not None:
             run.log.step(epoch * steps + i, loss.item(), lr)
         loss_sum += loss.detach() * len(y)
@@ -671,8 +698,7 @@ def train_one_epoch(run: Run, epoch: int) -> EpochStats:
         seen += len(y)
         if not run.quiet and (i % 10 == 0 or i == steps - 1):
             bar.set_description(f"Loss={loss.item():.4f} Batch_id={i} Accuracy={100.0 * correct.item() / seen:.2f}")
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    wait_for_device(device)
     seconds = time.perf_counter() - t0
     bar.close()
     totals = torch.stack([loss_sum.double(), correct.double(), torch.tensor(float(seen), device=device,
@@ -685,7 +711,22 @@ def train_one_epoch(run: Run, epoch: int) -> EpochStats:
                 else "no checkpoint was written yet")
         raise TrainingError(f"epoch {epoch + 1}: training loss is {train_loss}; stopped, {good}; "
                             "lower --lr or set a --grad-clip")
-    return EpochStats(train_loss, train_acc, seconds, lr, skipped)
+    return EpochStats(train_loss, train_acc, seconds, lr, skipped, compile_seconds)
+
+
+def compiled_step_seconds(run: Run, t0: float) -> float:
+    """The seconds of the first step at a new image size, where ``--compile`` compiles (forward and
+    backward), kept apart from the epoch's so that ``seconds`` and images/s measure training alone;
+    that one step's own work is in it."""
+    wait_for_device(run.device)
+    run.compiled_sizes.add(run.train_loader.resolution)
+    return time.perf_counter() - t0
+
+
+def wait_for_device(device: torch.device) -> None:
+    """Let the GPU finish what was queued, so that a clock read next measures it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def evaluates_after(cfg: TrainConfig, epoch: int) -> bool:
@@ -718,7 +759,8 @@ def evaluate_and_checkpoint(run: Run, epoch: int, stats: EpochStats) -> float | 
         "train_acc": round(stats.train_acc, 4), "test_loss": round(result.loss, 6) if result else None,
         "test_acc": round(result.accuracy, 4) if result else None, "seconds": round(stats.seconds, 3),
         "train_seconds_total": round(run.train_seconds, 3), "eval_seconds": round(time.perf_counter() - t_eval, 3),
-        "finished_unix_seconds": round(time.time(), 3), "skipped_steps": stats.skipped_steps})
+        "finished_unix_seconds": round(time.time(), 3), "skipped_steps": stats.skipped_steps,
+        "compile_seconds": round(stats.compile_seconds, 3)})
     if result is not None and not run.quiet:
         print(f"\n{result.line()}\n")
     if result is not None and run.log is not None:
@@ -788,6 +830,7 @@ def build_summary(cfg: TrainConfig, history: list[dict[str, Any]], params: int, 
         "epoch_reached_target": reached["epoch"] if reached else None,
         "seconds_to_target": reached["train_seconds_total"] if reached else None,
         "train_seconds": train_seconds,
+        "compile_seconds": round(sum(h.get("compile_seconds") or 0.0 for h in history), 3),
         "images_per_second": round(len(history) * images_per_epoch / train_seconds, 1) if train_seconds else None,
         "device": str(device), "precision": precision, "world_size": env.world_size,
         "stop_reason": stop_reason,
@@ -800,8 +843,9 @@ def summary_line(s: dict[str, Any]) -> str:
     ips = f", {s['images_per_second']:,.0f} images/s" if s.get("images_per_second") else ""
     tta = f", with TTA {s['final_acc_tta']:.2f}%" if "final_acc_tta" in s else ""
     ece = f", ECE {s['final_ece']:.2f}%" if "final_ece" in s else ""
+    compiling = f" (+{s['compile_seconds']:.1f} s compiling)" if s.get("compile_seconds") else ""
     return (f"Done: best {s['best_acc']:.2f}% (epoch {s['best_epoch']}), final {s['final_acc']:.2f}%{tta}{ece}, "
-            f"{reached}, {s['train_seconds']:.1f} s training{ips}")
+            f"{reached}, {s['train_seconds']:.1f} s training{compiling}{ips}")
 
 
 def resume_config(run_dir: Path, overrides: dict[str, Any]) -> TrainConfig:
