@@ -53,7 +53,7 @@ METRIC_FIELDS = [
     "epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "seconds", "train_seconds_total", "eval_seconds",
     "finished_unix_seconds",  # Unix time the epoch and its test pass ended: whole-process time-to-accuracy
     "skipped_steps",  # fp16: steps the gradient scaler skipped because the gradients overflowed
-    "compile_seconds",  # --compile: the first step of the process, which compiled the network (not in seconds)
+    "compile_seconds",  # --compile: the first step at each new image size, where it compiles (not in seconds)
 ]
 
 
@@ -655,7 +655,7 @@ class EpochStats:
     seconds: float
     lr: float  # the last step's
     skipped_steps: int = 0
-    compile_seconds: float = 0.0  # the first step of a --compile process, which is not in ``seconds``
+    compile_seconds: float = 0.0  # --compile: the step that compiled at this image size, not in ``seconds``
 
 
 def train_one_epoch(run: Run, epoch: int) -> EpochStats:
