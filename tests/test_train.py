@@ -632,7 +632,8 @@ def test_cudnn_times_its_algorithms_when_training_on_cuda(monkeypatch):
 
 def test_compile_compiles_once_across_image_sizes_and_the_partial_batch_and_times_it_apart(tmp_path, monkeypatch):
     """--compile with progressive resizing (16 px, then 32 px) and a partial last batch (110 = 50 + 50 + 10):
-    one graph, and the compile (made to take 2 s here) is reported as compile_seconds, not in an epoch's."""
+    dynamo captures one graph for all four shapes, and the compile (a backend made to take 2 s, standing in
+    for inductor, which is minutes on this CPU) is reported as compile_seconds, not in an epoch's."""
     (tmp_path / "tiny.py").write_text(TINY_NET)
     graphs = []
 

@@ -282,9 +282,10 @@ class CompiledOnce(nn.Module):
     allows it, reuse the first compilation instead of compiling again in the middle of an epoch.
     Padding or dropping the partial batch would change what is trained, and warming up every shape
     before the run would take training steps on the real weights; symbolic sizes cost little, as
-    convolutions go to cuDNN whatever the shape. Code that needs one image size (inductor's lowering of
-    adaptive pooling, a flatten into a fixed Linear) is compiled once per size: ``maybe_mark_dynamic``
-    lets it, where ``mark_dynamic`` would fail, and ``train_one_epoch`` times that first step apart."""
+    convolutions go to cuDNN whatever the shape. What fixes one image size (a flatten into a fixed Linear;
+    torch 2.13's inductor on the CPU, whose backward checks memory formats on the sizes) compiles once per
+    size: ``maybe_mark_dynamic`` lets it, where ``mark_dynamic`` would fail, and ``train_one_epoch`` times
+    the first step at each size apart."""
 
     def __init__(self, net: nn.Module):
         super().__init__()
