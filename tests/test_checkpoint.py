@@ -259,3 +259,30 @@ def test_atomic_write_gives_the_usual_permissions_not_mkstemps_0600(tmp_path):
         assert target.stat().st_mode & 0o777 == 0o644
     finally:
         os.umask(umask)
+
+
+def tensors_in(value) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        value = list(value.values())
+    return [t for v in value for t in tensors_in(v)] if isinstance(value, (list, tuple)) else []
+
+
+def test_a_checkpoint_of_device_tensors_loads_on_a_cpu_only_machine(tmp_path, monkeypatch):
+    """A training checkpoint (weights, optimizer momentum, EMA with its counter) whose tensors live on
+    another device (``meta`` stands in for a GPU) is written with every tensor on the CPU."""
+    from tiny_run import train_tiny_run
+
+    run = train_tiny_run(tmp_path / "run", ema_decay=0.9)
+    on_device = torch.load(run / "last.pt", map_location="meta", weights_only=True)
+    assert {t.device.type for t in tensors_in(on_device)} == {"meta"}
+    assert on_device["optimizer_state"]["state"] and on_device["ema_full_state"]["n_averaged"].device.type == "meta"
+    # a meta tensor has no data to copy: give the CPU copy zeros of its shape and dtype
+    real_cpu = torch.Tensor.cpu
+    monkeypatch.setattr(torch.Tensor, "cpu",
+                        lambda t: torch.zeros(t.shape, dtype=t.dtype) if t.is_meta else real_cpu(t))
+    save_checkpoint(tmp_path / "moved.pt", on_device)
+    loaded = torch.load(tmp_path / "moved.pt", weights_only=True)  # no map_location
+    assert {t.device.type for t in tensors_in(loaded)} == {"cpu"}
+    assert len(tensors_in(loaded)) == len(tensors_in(on_device))

@@ -289,3 +289,28 @@ def test_a_reader_that_leaves_early_ends_the_command_quietly(monkeypatch, capsys
         assert main(["models"]) == 141
         monkeypatch.undo()
         closed.close()  # stdout now points at the null device: closing flushes without an error
+
+
+def test_out_of_memory_is_one_line_naming_the_batch_size(monkeypatch, capsys):
+    from tinycifar.training import train as train_mod
+
+    def runs_out(cfg):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of "
+                                     "14.75 GiB of which 1.06 GiB is free.\nIf reserved but unallocated memory ...")
+
+    monkeypatch.setattr(train_mod, "train", runs_out)
+    rc, _, err = run_main(capsys, ["train", "--dataset", "synthetic", "--batch-size", "4096"])
+    lines = err.strip().splitlines()
+    assert rc == 1 and len(lines) == 1 and "Traceback" not in err
+    assert "Tried to allocate 2.00 GiB" in lines[0] and "lower --batch-size (now 4096)" in lines[0]
+
+
+def test_more_processes_than_gpus_is_one_line_naming_nproc_per_node(monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: pytest.fail("set_device on a GPU that is not there"))
+    rc, _, err = run_main(capsys, ["train", "--dataset", "synthetic", "--device", "cuda"])
+    assert_one_line_error(rc, err, "torchrun: process 3 of this machine has no GPU of its own (2 GPUs); "
+                                   "pass --nproc-per-node 2 or fewer")

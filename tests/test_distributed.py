@@ -204,3 +204,26 @@ def test_each_rank_draws_its_own_augmentation():
     batches = [next(iter(DeviceLoader(split, 16, [0.5] * 3, [0.25] * 3, train=True, aug=AugmentConfig("fast"),
                                       rank=r, world_size=2))) for r in range(2)]
     assert not torch.equal(batches[0][0], batches[1][0])
+
+
+RANK0_FIRST = """
+import sys, time
+from datetime import timedelta
+import torch.distributed as dist
+from tinycifar.training.train import init_distributed, rank0_first
+
+dist.init_process_group("gloo", timeout=timedelta(seconds=2))  # the default group gives up after 2 s
+env = init_distributed("cpu")
+print(rank0_first(env, lambda: time.sleep(6) or "loaded", share=True), flush=True)
+"""
+
+
+def test_rank0_first_waits_for_rank_0_past_the_default_groups_timeout(tmp_path):
+    """Rank 0 loads for 6 s, three times the process group's timeout: the other rank waits on
+    rank0_first's own group (RANK0_WAIT) and gets the result instead of a timeout."""
+    env = {**ENV, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    ranks = [subprocess.Popen([sys.executable, "-c", RANK0_FIRST], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    outputs = [p.communicate(timeout=120) for p in ranks]
+    assert [p.returncode for p in ranks] == [0, 0], outputs[1][1][-2000:]
+    assert [out.strip() for out, _ in outputs] == ["loaded", "loaded"]

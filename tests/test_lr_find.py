@@ -109,3 +109,31 @@ def test_train_lr_auto_uses_and_records_the_suggestion(tmp_path, capsys):
     assert 1e-5 <= found["suggestion"] <= 10
     rc, _, err = run_main(capsys, ["train", "--resume", "--out", tmp_path / "run", "--lr", "auto"])
     one_line(rc, err, "a resumed run keeps the learning rate")
+
+
+class Exploding(nn.CrossEntropyLoss):
+    """A finite loss whose gradients overflow fp16 at every scale: what a blowing-up fp16 run looks like
+    while its loss still reads as a number."""
+
+    def forward(self, logits, target):
+        return super().forward(logits, target) * 1e30
+
+
+def test_fp16_steps_the_scaler_skips_are_counted_and_end_the_test_as_diverged():
+    train, _ = synthetic_cifar10(100, 20, seed=0)
+    mean, std = channel_stats(train.images)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, stride=4), nn.Flatten(), nn.Linear(4 * 8 * 8, 10))
+    loader = DeviceLoader(train, 25, mean, std, train=True, drop_last=True)
+    result = range_test(model, torch.optim.SGD(model.parameters()), loader, Exploding(), "fp16", 1e-3, 1.0, 40)
+    assert all(np.isfinite(result.losses))
+    # the scale starts at 2**16 and halves at each skipped step: below 1 after 17 of them
+    assert result.diverged and result.skipped_steps == len(result.lrs) == 17
+    assert result.summary()["skipped_steps"] == 17
+
+
+def test_lr_find_under_torchrun_is_refused_before_anything_is_written(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    rc, _, err = run_main(capsys, ["lr-find", "--dataset", "synthetic", "--out", tmp_path / "lr"])
+    one_line(rc, err, "lr-find: not under torchrun (2 processes)")
+    assert not (tmp_path / "lr").exists()

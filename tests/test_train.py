@@ -484,3 +484,178 @@ def test_progressive_resizing_trains_the_first_epochs_at_low_resolution(tmp_path
     per_epoch = len(seen) // 4
     assert seen[: 2 * per_epoch] == [16] * (2 * per_epoch)
     assert seen[2 * per_epoch :] == [32] * (2 * per_epoch)
+
+
+# ---------------------------------------------------------------------------- the GPU path, proven on the CPU
+
+
+@pytest.fixture
+def gpus(monkeypatch):
+    """Two fake GPUs: cuda:0 a T4 (compute capability 7.5), cuda:1 whatever the test sets (A100 by default)."""
+    capability = {0: (7, 5), 1: (8, 0)}
+
+    def get_device_capability(device=None):
+        index = torch.device(device).index if device is not None else None
+        return capability[0 if index is None else index]  # the current device is cuda:0
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", get_device_capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # emulation says yes on a T4
+    return capability
+
+
+@pytest.mark.parametrize(("capability", "expected"), [((7, 5), "fp16"), ((8, 0), "bf16"), ((9, 0), "bf16")],
+                         ids=["T4", "A100", "H100"])
+def test_auto_precision_follows_the_chosen_gpus_compute_capability(gpus, capability, expected):
+    gpus[1] = capability
+    assert train_mod.resolve_precision("auto", torch.device("cuda:1")) == expected
+
+
+def test_auto_precision_asks_the_chosen_gpu_not_the_current_one(gpus):
+    assert train_mod.resolve_precision("auto", torch.device("cuda:1")) == "bf16"  # current device is the T4
+    assert train_mod.resolve_precision("auto", torch.device("cuda:0")) == "fp16"
+    assert train_mod.resolve_precision("auto", torch.device("cuda")) == "fp16"
+
+
+def test_bf16_on_a_gpu_without_native_bf16_warns_in_one_line(gpus, capsys):
+    assert train_mod.resolve_precision("bf16", torch.device("cuda:0")) == "bf16"
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--precision bf16" in err and "7.5" in err and "fp16" in err
+    assert train_mod.resolve_precision("bf16", torch.device("cuda:1")) == "bf16"
+    assert train_mod.resolve_precision("fp16", torch.device("cuda:1")) == "fp16"
+    assert capsys.readouterr().err == ""
+
+
+class RecordingScaler:
+    """Stands in for torch.amp.GradScaler and writes down the order it is used in."""
+
+    def __init__(self, calls: list[str], overflow: bool):
+        self.calls, self.overflow = calls, overflow
+
+    def is_enabled(self) -> bool:
+        return True
+
+    def unscale_(self, optimizer):
+        self.calls.append("unscale_")
+
+    def _found_inf_per_device(self, optimizer):
+        return {torch.device("cpu"): torch.tensor(float(self.overflow))}
+
+    def step(self, optimizer):
+        self.calls.append("step")
+
+    def update(self):
+        self.calls.append("update")
+
+
+@pytest.mark.parametrize("overflow", [False, True])
+def test_the_scaler_unscales_before_clipping_then_steps_and_updates(monkeypatch, overflow):
+    calls = []
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda params, max_norm: calls.append("clip"))
+    model = nn.Linear(2, 2)
+    applied = train_mod.apply_gradients(torch.optim.SGD(model.parameters()), RecordingScaler(calls, overflow), model,
+                                        grad_clip=1.0)
+    assert calls == ["unscale_", "clip", "step", "update"]
+    assert applied is not overflow
+
+
+def test_an_overflowing_fp16_step_leaves_weights_and_momentum_untouched():
+    """A real GradScaler (torch enables it for fp16 on the CPU too) skips the step and halves its scale."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    scaler = train_mod.gradient_scaler(torch.device("cpu"), "fp16")
+    assert scaler.is_enabled() and not train_mod.gradient_scaler(torch.device("cpu"), "bf16").is_enabled()
+
+    def step(factor: float) -> bool:
+        optimizer.zero_grad()
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = model(torch.ones(3, 4)).float().sum() * factor
+        scaler.scale(loss).backward()
+        return train_mod.apply_gradients(optimizer, scaler, model, grad_clip=1.0)
+
+    assert step(1e-4)
+    weights, momentum = model.weight.detach().clone(), optimizer.state[model.weight]["momentum_buffer"].clone()
+    scale = scaler.get_scale()
+    assert not step(1e30)  # the scaled gradients overflow fp16
+    assert torch.equal(model.weight, weights)
+    assert torch.equal(optimizer.state[model.weight]["momentum_buffer"], momentum)
+    assert scaler.get_scale() == scale / 2
+
+
+TINY_NET = '''
+from torch import nn
+
+
+def Net(num_classes=10):
+    return nn.Sequential(nn.Conv2d(3, 8, 3, stride=4), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten(), nn.Linear(8, num_classes))
+'''
+
+
+def test_fp16_run_counts_skipped_steps_keeps_them_out_of_the_ema_and_resumes_its_scale(tmp_path, monkeypatch):
+    """fp16 on the CPU (the GPU's arithmetic, slowly): a scale started far too high makes the first steps
+    overflow; they are counted, the EMA skips them, and a resumed run goes on from the saved scale."""
+    (tmp_path / "tiny.py").write_text(TINY_NET)
+    spec = f"{tmp_path / 'tiny.py'}:Net"
+    monkeypatch.setattr(train_mod, "resolve_precision", lambda precision, device: "fp16")
+    monkeypatch.setattr(train_mod, "gradient_scaler",
+                        lambda device, precision: torch.amp.GradScaler("cpu", init_scale=2.0**30))
+    fp16 = dict(model=spec, synthetic_size=200, batch_size=50, ema_decay=0.9, epochs=3)
+    full = train(quick_cfg(tmp_path / "full", **fp16))
+    skipped = [h["skipped_steps"] for h in full.history]
+    assert skipped[0] > 0 and sum(skipped) < 3 * 4, skipped  # 4 steps an epoch; the scale settles
+    state = load_checkpoint(tmp_path / "full" / "last.pt")
+    assert int(state["ema_full_state"]["n_averaged"]) == 3 * 4 - sum(skipped)
+    assert state["scaler_state"]["scale"] < 2.0**30
+    real = train_mod.write_metrics_csv
+
+    def stop_after_epoch_1(path, history):
+        real(path, history)
+        raise Stop
+
+    monkeypatch.setattr(train_mod, "write_metrics_csv", stop_after_epoch_1)
+    with pytest.raises(Stop):
+        train(quick_cfg(tmp_path / "cut", **fp16))
+    monkeypatch.setattr(train_mod, "write_metrics_csv", real)
+    resumed = train(train_mod.resume_config(tmp_path / "cut", {"quiet": True, "model": spec}))
+    assert without_timing(resumed.history) == without_timing(full.history)
+    assert load_checkpoint(tmp_path / "cut" / "last.pt")["scaler_state"] == state["scaler_state"]
+
+
+def test_cudnn_times_its_algorithms_when_training_on_cuda(monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    train_mod.tune_backends(torch.device("cpu"))
+    assert torch.backends.cudnn.benchmark is False
+    train_mod.tune_backends(torch.device("cuda", 1))
+    assert torch.backends.cudnn.benchmark is True
+
+
+def test_compile_compiles_once_across_image_sizes_and_the_partial_batch_and_times_it_apart(tmp_path, monkeypatch):
+    """--compile with progressive resizing (16 px, then 32 px) and a partial last batch (110 = 50 + 50 + 10):
+    dynamo captures one graph for all four shapes, and the compile (a backend made to take 2 s, standing in
+    for inductor, which is minutes on this CPU) is reported as compile_seconds, not in an epoch's."""
+    (tmp_path / "tiny.py").write_text(TINY_NET)
+    graphs = []
+
+    def slow_backend(graph, example_inputs):
+        graphs.append(graph)
+        time.sleep(2.0)
+        return graph.forward
+
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda net: real_compile(net, backend=slow_backend))
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    try:
+        result = train(quick_cfg(tmp_path / "run", model=f"{tmp_path / 'tiny.py'}:Net", synthetic_size=110,
+                                 batch_size=50, drop_last=False, low_res=16, low_res_fraction=0.5, epochs=2,
+                                 compile=True))
+    finally:
+        torch._dynamo.reset()
+    assert len(graphs) == 1 and counters["stats"]["unique_graphs"] == 1
+    first, second = result.history
+    assert first["compile_seconds"] >= 2.0 and second["compile_seconds"] < 2.0  # 32 px: one plain step timed apart
+    assert first["seconds"] < 2.0 and second["seconds"] < 2.0
+    assert result.summary["compile_seconds"] == pytest.approx(first["compile_seconds"] + second["compile_seconds"])
+    assert "s compiling" in train_mod.summary_line(result.summary)

@@ -68,8 +68,21 @@ def _os_error_in(e: BaseException | None) -> OSError | None:
     return None
 
 
+def on_cpu(value: Any) -> Any:
+    """``value`` with every tensor in it (state dicts nest them in dicts and lists) moved to the CPU."""
+    if isinstance(value, torch.Tensor):
+        return value.cpu()
+    if isinstance(value, dict):
+        return {k: on_cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(on_cpu(v) for v in value)
+    return value
+
+
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
-    state = {"format_version": FORMAT_VERSION, **state}
+    """Write ``state`` with its tensors on the CPU, so that a plain ``torch.load(path, weights_only=True)``
+    works on a machine without the GPU it was trained on (torch restores a tensor to its saved device)."""
+    state = on_cpu({"format_version": FORMAT_VERSION, **state})
     atomic_write_bytes(Path(path), lambda f: torch.save(state, f))
 
 

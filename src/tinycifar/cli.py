@@ -600,7 +600,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def out_of_memory_line(args: argparse.Namespace, error: Exception) -> str:
+    """What ran out and what to change: the batch (train, lr-find and eval have --batch-size)."""
+    detail = str(error).strip().splitlines()[0] if str(error).strip() else "out of memory"
+    batch = getattr(args, "batch_size", None)
+    now = f" (now {batch})" if batch else ""
+    hint = f"lower --batch-size{now}" if hasattr(args, "batch_size") else "use fewer or smaller inputs"
+    what = ". ".join(detail.split(". ")[:2]).rstrip(".")  # torch's "CUDA out of memory. Tried to allocate 2 GiB"
+    return f"out of memory on the device ({what}); {hint}"
+
+
 def main(argv: list[str] | None = None) -> int:
+    import torch
+
     from .training.train import TrainingError
 
     parser = build_parser()
@@ -612,6 +624,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     except TrainingError as e:  # the run started but cannot go on (non-finite loss, disk full)
         print(f"tinycifar {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_TRAINING_FAILED
+    except torch.OutOfMemoryError as e:  # checkpoints already written are whole (atomic writes)
+        print(f"tinycifar {args.command}: error: {out_of_memory_line(args, e)}", file=sys.stderr)
         return EXIT_TRAINING_FAILED
     except KeyboardInterrupt:
         print(f"tinycifar {args.command}: interrupted", file=sys.stderr)

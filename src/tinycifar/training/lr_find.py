@@ -6,9 +6,11 @@ smoothing), the learning rate grows exponentially from ``start_lr`` to ``end_lr`
 training steps. The loss of each step is smoothed by an exponential moving average (weight 0.05 for
 the newest step, bias-corrected, as torch-lr-finder does; fastai's 0.02 lags by a whole decade of
 lr over a 100-step test), and the test stops once the smoothed loss exceeds ``diverge``
-times its lowest value. The suggested peak learning rate is the one where the smoothed loss falls
-fastest against log(lr), the steepest-descent rule of torch-lr-finder, looked for between the first
-tenth of the steps (the loss is still settling there) and the lowest loss.
+times its lowest value, or once fp16's gradient scaler has had to bring its scale below 1 (the
+gradients overflow fp16 unscaled: steps are being skipped because the loss is blowing up).
+The suggested peak learning rate is the one where the smoothed loss falls fastest against log(lr),
+the steepest-descent rule of torch-lr-finder, looked for between the first tenth of the steps (the
+loss is still settling there) and the lowest loss.
 
 The network and optimizer come back exactly as they were: the test trains a copy of their state.
 """
@@ -19,6 +21,7 @@ import copy
 import csv
 import io
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +38,7 @@ from ..data.loader import DeviceLoader
 from ..evaluate import autocast_context
 from ..models.registry import short_name
 from .losses import build_criterion
-from .train import DistEnv, build_optimizer, prepare, set_lr
+from .train import DistEnv, apply_gradients, build_optimizer, gradient_scaler, prepare, set_lr
 
 RULE = "steepest descent of the smoothed loss against log(lr)"
 
@@ -50,12 +53,14 @@ class RangeTest:
     end_lr: float
     steps: int
     diverged: bool  # stopped before the last step because the loss blew up
+    skipped_steps: int = 0  # fp16: steps the gradient scaler skipped (overflowing gradients)
 
     rule = RULE
 
     def summary(self) -> dict:
         return {"suggestion": self.suggestion, "rule": self.rule, "start_lr": self.start_lr, "end_lr": self.end_lr,
-                "steps": self.steps, "steps_run": len(self.lrs), "diverged": self.diverged}
+                "steps": self.steps, "steps_run": len(self.lrs), "diverged": self.diverged,
+                "skipped_steps": self.skipped_steps}
 
 
 def check_range(start_lr: float, end_lr: float, steps: int) -> None:
@@ -85,7 +90,8 @@ def range_test(model: nn.Module, optimizer: torch.optim.Optimizer, loader: Devic
     check_range(start_lr, end_lr, steps)
     saved_model, saved_optimizer = copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict())
     lrs, losses, smoothed = [], [], []
-    average, best, diverged = 0.0, math.inf, False
+    average, best, diverged, skipped = 0.0, math.inf, False, 0
+    scaler = gradient_scaler(loader.device, precision)
     batches = _endless(loader)
     model.train()
     try:
@@ -96,21 +102,27 @@ def range_test(model: nn.Module, optimizer: torch.optim.Optimizer, loader: Devic
             with autocast_context(loader.device, precision):
                 loss = criterion(model(x).float(), y)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            scaler.scale(loss).backward()
+            skipped += not apply_gradients(optimizer, scaler, model, 0.0)
             value = loss.item()
             average = beta * average + (1 - beta) * (value if math.isfinite(value) else 1e9)
             lrs.append(lr)
             losses.append(value)
             smoothed.append(average / (1 - beta ** (i + 1)))
             best = min(best, smoothed[-1])
-            if not math.isfinite(value) or smoothed[-1] > diverge * best:
+            if not math.isfinite(value) or smoothed[-1] > diverge * best or overflows_unscaled(scaler):
                 diverged = i < steps - 1
                 break
     finally:
         model.load_state_dict(saved_model)
         optimizer.load_state_dict(saved_optimizer)
-    return RangeTest(lrs, losses, smoothed, suggest(lrs, smoothed), start_lr, end_lr, steps, diverged)
+    return RangeTest(lrs, losses, smoothed, suggest(lrs, smoothed), start_lr, end_lr, steps, diverged, skipped)
+
+
+def overflows_unscaled(scaler: torch.amp.GradScaler) -> bool:
+    """fp16 only: the scaler halves its scale at every skipped step, and a scale below 1 means even the
+    true gradients overflow fp16, which a loss that is blowing up does while its value still looks finite."""
+    return scaler.is_enabled() and scaler.get_scale() < 1
 
 
 def _endless(loader: DeviceLoader):
@@ -128,6 +140,10 @@ def lr_find(cfg: TrainConfig, data: tuple[Split, Split] | None = None, model: nn
     A network passed as ``model`` is not touched: the test trains a copy of it.
     """
     check_range(start_lr, end_lr, steps)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:  # every process would train on the same device and write the same files
+        raise ConfigError(f"lr-find: not under torchrun ({world} processes); run it as one process, then pass "
+                          "its suggestion to the multi-process run as --lr")
     threads = torch.get_num_threads()
     try:
         # a network handed over is left as it is: the test (whitening stem, channels_last) runs on a copy

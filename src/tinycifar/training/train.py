@@ -18,9 +18,11 @@ import io
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +52,8 @@ from .losses import build_criterion
 METRIC_FIELDS = [
     "epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "seconds", "train_seconds_total", "eval_seconds",
     "finished_unix_seconds",  # Unix time the epoch and its test pass ended: whole-process time-to-accuracy
+    "skipped_steps",  # fp16: steps the gradient scaler skipped because the gradients overflowed
+    "compile_seconds",  # --compile: the first step at each new image size, where it compiles (not in seconds)
 ]
 
 
@@ -77,14 +81,34 @@ def cpu_supports_bf16() -> bool:
     return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
+def cuda_supports_bf16(device: torch.device) -> bool:
+    """Native bf16 tensor cores arrive with compute capability 8.0 (A100). ``torch.cuda.is_bf16_supported()``
+    also counts emulation, which says yes on a T4 (7.5) and runs slow fallback kernels, and it asks
+    the current device rather than the chosen one (``--device cuda:1``)."""
+    return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
 def resolve_precision(precision: str, device: torch.device) -> str:
-    if precision != "auto":
-        if precision == "fp16" and device.type == "cpu":
-            raise ConfigError("--precision fp16: not supported on the CPU; use bf16 or fp32")
-        return precision
+    """The autocast precision for ``device``: auto picks bf16 where it is native, else fp16 on CUDA
+    (trained with a gradient scaler) and fp32 on CPUs without fast bf16."""
+    if precision == "fp16" and device.type == "cpu":
+        raise ConfigError("--precision fp16: not supported on the CPU; use bf16 or fp32")
+    if device.type != "cuda":
+        return precision if precision != "auto" else "bf16" if cpu_supports_bf16() else "fp32"
+    if precision == "auto":
+        return "bf16" if cuda_supports_bf16(device) else "fp16"
+    if precision == "bf16" and not cuda_supports_bf16(device):
+        major, minor = torch.cuda.get_device_capability(device)
+        print(f"tinycifar: warning: --precision bf16 on {device} (compute capability {major}.{minor}) is emulated "
+              "and slow; --precision fp16 or auto uses its fp16 tensor cores", file=sys.stderr)
+    return precision
+
+
+def tune_backends(device: torch.device) -> None:
+    """Let cuDNN time its convolution algorithms for each input shape and keep the fastest: the shapes
+    are fixed within a phase (full batches at one resolution), so the timing is paid once per shape."""
     if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "bf16" if cpu_supports_bf16() else "fp32"
+        torch.backends.cudnn.benchmark = True
 
 
 @dataclass
@@ -93,6 +117,7 @@ class DistEnv:
     world_size: int = 1
     local_rank: int = 0
     owns_group: bool = False  # this call created the process group, so it destroys it at the end
+    wait_group: Any = None  # rank0_first's group: gloo, with RANK0_WAIT as its timeout (None: the default group)
 
     @property
     def is_main(self) -> bool:
@@ -107,14 +132,22 @@ def init_distributed(device_name: str) -> DistEnv:
     env = DistEnv(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
     use_cuda = device_name.startswith("cuda") or (device_name == "auto" and torch.cuda.is_available())
     if use_cuda:
+        gpus = torch.cuda.device_count()
+        if env.local_rank >= gpus:
+            raise ConfigError(f"torchrun: process {env.local_rank} of this machine has no GPU of its own ({gpus} "
+                              f"GPU{'s' * (gpus != 1)}); pass --nproc-per-node {gpus} or fewer")
         torch.cuda.set_device(env.local_rank)
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
         env.owns_group = True
+    env.wait_group = dist.new_group(backend="gloo", timeout=RANK0_WAIT)
     return env
 
 
 _SHARED_ERRORS = (ConfigError, DatasetError, CheckpointError, ModelError)
+# How long the other ranks wait for rank 0 to download CIFAR-10 or decode a large image folder. NCCL's
+# own timeout (10 minutes) would abort a slow download, so the wait runs on a gloo group of its own.
+RANK0_WAIT = timedelta(hours=2)
 
 
 def rank0_first(env: DistEnv, fn: Callable[[], Any], share: bool = False) -> Any:
@@ -132,7 +165,7 @@ def rank0_first(env: DistEnv, fn: Callable[[], Any], share: bool = False) -> Any
         except _SHARED_ERRORS as e:
             failure = e
     box = [None if failure is None else (type(failure).__name__, str(failure)), result if share else None]
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=0, group=env.wait_group)
     if failure is not None:
         raise failure
     if box[0] is not None:
@@ -216,6 +249,52 @@ def ema_with_warmup(decay: float):
         else:  # counters such as num_batches_tracked: take the model's
             torch._foreach_copy_(ema_tensors, tensors)
     return update
+
+
+def gradient_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler:
+    """fp16's narrow range flushes small gradients to zero: the scaler multiplies the loss before the
+    backward pass and skips a step whose gradients overflowed. bf16 and fp32 need none (a no-op scaler)."""
+    return torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+
+def overflowed(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer) -> bool:
+    """Whether the unscaled gradients hold an inf or NaN, so ``scaler.step`` will skip the step.
+    ``GradScaler.step`` reads these same flags on the host, so reading them adds no synchronisation."""
+    return any(bool(flag.item()) for flag in scaler._found_inf_per_device(optimizer).values())
+
+
+def apply_gradients(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, model: nn.Module,
+                    grad_clip: float) -> bool:
+    """Unscale (clipping must see the true gradients), clip, step, update the scale; returns False when
+    the fp16 gradients overflowed and the step was skipped (weights and momentum untouched)."""
+    scaler.unscale_(optimizer)
+    if grad_clip > 0:
+        nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    skipped = scaler.is_enabled() and overflowed(scaler, optimizer)
+    scaler.step(optimizer)
+    scaler.update()
+    return not skipped
+
+
+class CompiledOnce(nn.Module):
+    """``torch.compile`` of ``net`` whose batches have a symbolic batch size and image size, so the
+    partial last batch, and the switch from low-resolution to full-resolution epochs where the network
+    allows it, reuse the first compilation instead of compiling again in the middle of an epoch.
+    Padding or dropping the partial batch would change what is trained, and warming up every shape
+    before the run would take training steps on the real weights; symbolic sizes cost little, as
+    convolutions go to cuDNN whatever the shape. What fixes one image size (a flatten into a fixed Linear;
+    torch 2.13's inductor on the CPU, whose backward checks memory formats on the sizes) compiles once per
+    size: ``maybe_mark_dynamic`` lets it, where ``mark_dynamic`` would fail, and ``train_one_epoch`` times
+    the first step at each size apart."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.compiled = torch.compile(net)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for dim in (0, 2, 3):  # batch, height, width
+            torch._dynamo.maybe_mark_dynamic(x, dim)
+        return self.compiled(x)
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -374,6 +453,7 @@ class Run:
     ema: AveragedModel | None
     source: ModelSource
     optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
     criterion: nn.Module
     train_loader: DeviceLoader
     test_loader: DeviceLoader
@@ -388,6 +468,7 @@ class Run:
     log: Any = None  # TensorBoardLog when --tensorboard (rank 0)
     tta_result: EvalResult | None = None  # the last epoch's, when the run reports TTA
     last_result: EvalResult | None = None  # the newest test pass's
+    compiled_sizes: set[int | None] = field(default_factory=set)  # --compile: the image sizes compiled for
 
     @property
     def quiet(self) -> bool:
@@ -413,6 +494,7 @@ class Run:
             "epoch": epoch, "model_state": self.model.state_dict(), "optimizer_state": self.optimizer.state_dict(),
             "ema_state": ema.module.state_dict() if ema is not None else None,
             "ema_full_state": ema.state_dict() if ema is not None else None,
+            "scaler_state": self.scaler.state_dict(),  # empty unless fp16
             "config": self.cfg.to_dict(), "mean": self.mean, "std": self.std, "history": self.history,
             "params": self.params, "classes": list(self.classes),
         }
@@ -457,6 +539,7 @@ def prepare(cfg: TrainConfig, env: DistEnv, data: tuple[Split, Split] | None = N
     if device.type == "cuda" and env.world_size > 1:
         device = torch.device("cuda", env.local_rank)
     precision = resolve_precision(cfg.precision, device)
+    tune_backends(device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     if cfg.batch_size % env.world_size:
@@ -517,9 +600,9 @@ def setup(cfg: TrainConfig, env: DistEnv, data: tuple[Split, Split] | None = Non
     if env.world_size > 1:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.compile:
-        net = torch.compile(net)
+        net = CompiledOnce(net)
     run = Run(cfg, env, device, p.precision, run_dir, model, net, ema, p.source, build_optimizer(model, cfg),
-              build_criterion(cfg), p.train_loader, test_loader, mean, std,
+              gradient_scaler(device, p.precision), build_criterion(cfg), p.train_loader, test_loader, mean, std,
               p.train_split.classes)
     resumed = cfg.resume and restore(run, load_checkpoint(run_dir / "last.pt"))
     announce(run, len(p.train_split), len(p.test_split), resumed)
@@ -537,6 +620,8 @@ def restore(run: Run, state: dict[str, Any]) -> bool:
     run.optimizer.load_state_dict(state["optimizer_state"])
     if run.ema is not None and state.get("ema_full_state"):
         run.ema.load_state_dict(state["ema_full_state"])
+    if run.scaler.is_enabled() and state.get("scaler_state"):  # fp16's scale goes on where it was
+        run.scaler.load_state_dict(state["scaler_state"])
     run.history = list(state["history"])
     run.start_epoch = run.saved_epoch = int(state["epoch"])
     run.train_seconds = float(run.history[-1]["train_seconds_total"]) if run.history else 0.0
@@ -570,6 +655,8 @@ class EpochStats:
     train_acc: float
     seconds: float
     lr: float  # the last step's
+    skipped_steps: int = 0
+    compile_seconds: float = 0.0  # --compile: the step that compiled at this image size, not in ``seconds``
 
 
 def train_one_epoch(run: Run, epoch: int) -> EpochStats:
@@ -582,10 +669,13 @@ def train_one_epoch(run: Run, epoch: int) -> EpochStats:
     run.model.train()
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
-    seen, lr = 0, cfg.lr
+    seen, lr, skipped, compile_seconds = 0, cfg.lr, 0, 0.0
+    compiles = cfg.compile and run.train_loader.resolution not in run.compiled_sizes
     if not run.quiet:
         print(f"EPOCH: {epoch + 1}")
     bar = tqdm(run.train_loader, total=steps, disable=run.quiet, dynamic_ncols=True, leave=True)
+    if compiles:  # the queue drained, so the compiling step's time is its own
+        wait_for_device(device)
     t0 = time.perf_counter()
     for i, (x, y) in enumerate(bar):
         lr = cfg.lr * lr_factor(epoch * steps + i, steps * cfg.epochs, steps, cfg)
@@ -594,12 +684,13 @@ def train_one_epoch(run: Run, epoch: int) -> EpochStats:
             logits = run.net(x)
             loss = run.criterion(logits.float(), y)
         run.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip > 0:
-            nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip)
-        run.optimizer.step()
-        if run.ema is not None:
+        run.scaler.scale(loss).backward()
+        applied = apply_gradients(run.optimizer, run.scaler, run.model, cfg.grad_clip)
+        skipped += not applied
+        if run.ema is not None and applied:  # a skipped fp16 step changed no weight: nothing to average
             run.ema.update_parameters(run.model)
+        if compiles and i == 0:
+            compile_seconds, t0 = compiled_step_seconds(run, t0), time.perf_counter()
         if run.log is not None:
             run.log.step(epoch * steps + i, loss.item(), lr)
         loss_sum += loss.detach() * len(y)
@@ -608,8 +699,7 @@ def train_one_epoch(run: Run, epoch: int) -> EpochStats:
         seen += len(y)
         if not run.quiet and (i % 10 == 0 or i == steps - 1):
             bar.set_description(f"Loss={loss.item():.4f} Batch_id={i} Accuracy={100.0 * correct.item() / seen:.2f}")
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    wait_for_device(device)
     seconds = time.perf_counter() - t0
     bar.close()
     totals = torch.stack([loss_sum.double(), correct.double(), torch.tensor(float(seen), device=device,
@@ -622,7 +712,22 @@ def train_one_epoch(run: Run, epoch: int) -> EpochStats:
                 else "no checkpoint was written yet")
         raise TrainingError(f"epoch {epoch + 1}: training loss is {train_loss}; stopped, {good}; "
                             "lower --lr or set a --grad-clip")
-    return EpochStats(train_loss, train_acc, seconds, lr)
+    return EpochStats(train_loss, train_acc, seconds, lr, skipped, compile_seconds)
+
+
+def compiled_step_seconds(run: Run, t0: float) -> float:
+    """The seconds of the first step at a new image size, where ``--compile`` compiles (forward and
+    backward), kept apart from the epoch's so that ``seconds`` and images/s measure training alone;
+    that one step's own work is in it."""
+    wait_for_device(run.device)
+    run.compiled_sizes.add(run.train_loader.resolution)
+    return time.perf_counter() - t0
+
+
+def wait_for_device(device: torch.device) -> None:
+    """Let the GPU finish what was queued, so that a clock read next measures it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def evaluates_after(cfg: TrainConfig, epoch: int) -> bool:
@@ -655,7 +760,8 @@ def evaluate_and_checkpoint(run: Run, epoch: int, stats: EpochStats) -> float | 
         "train_acc": round(stats.train_acc, 4), "test_loss": round(result.loss, 6) if result else None,
         "test_acc": round(result.accuracy, 4) if result else None, "seconds": round(stats.seconds, 3),
         "train_seconds_total": round(run.train_seconds, 3), "eval_seconds": round(time.perf_counter() - t_eval, 3),
-        "finished_unix_seconds": round(time.time(), 3)})
+        "finished_unix_seconds": round(time.time(), 3), "skipped_steps": stats.skipped_steps,
+        "compile_seconds": round(stats.compile_seconds, 3)})
     if result is not None and not run.quiet:
         print(f"\n{result.line()}\n")
     if result is not None and run.log is not None:
@@ -725,6 +831,7 @@ def build_summary(cfg: TrainConfig, history: list[dict[str, Any]], params: int, 
         "epoch_reached_target": reached["epoch"] if reached else None,
         "seconds_to_target": reached["train_seconds_total"] if reached else None,
         "train_seconds": train_seconds,
+        "compile_seconds": round(sum(h.get("compile_seconds") or 0.0 for h in history), 3),
         "images_per_second": round(len(history) * images_per_epoch / train_seconds, 1) if train_seconds else None,
         "device": str(device), "precision": precision, "world_size": env.world_size,
         "stop_reason": stop_reason,
@@ -737,8 +844,9 @@ def summary_line(s: dict[str, Any]) -> str:
     ips = f", {s['images_per_second']:,.0f} images/s" if s.get("images_per_second") else ""
     tta = f", with TTA {s['final_acc_tta']:.2f}%" if "final_acc_tta" in s else ""
     ece = f", ECE {s['final_ece']:.2f}%" if "final_ece" in s else ""
+    compiling = f" (+{s['compile_seconds']:.1f} s compiling)" if s.get("compile_seconds") else ""
     return (f"Done: best {s['best_acc']:.2f}% (epoch {s['best_epoch']}), final {s['final_acc']:.2f}%{tta}{ece}, "
-            f"{reached}, {s['train_seconds']:.1f} s training{ips}")
+            f"{reached}, {s['train_seconds']:.1f} s training{compiling}{ips}")
 
 
 def resume_config(run_dir: Path, overrides: dict[str, Any]) -> TrainConfig:
