@@ -17,6 +17,7 @@ from tinycifar.data import cifar10
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+import airbench_gpu  # noqa: E402
 import gpu_check  # noqa: E402
 
 SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
@@ -115,3 +116,16 @@ def test_result_rows_read_airbench_and_say_when_a_command_left_nothing(tmp_path)
     skipped = gpu_check.result_row({"kind": "tinycifar", "command": "tinycifar train --preset best",
                                     "precision": "fp16", "wall_s": "0", "rc": "-1", "place": str(tmp_path / "none")})
     assert skipped["rc"] == -1 and skipped["epoch s"].startswith("no results")
+
+
+def test_airbench_gets_its_cache_files_in_its_own_format(tmp_path, monkeypatch):
+    monkeypatch.setattr(cifar10, "IMAGES_PER_BATCH", 20)
+    gpu_check.write_synthetic_tree(tmp_path / "data")
+    (tmp_path / "cifar10").mkdir()
+    airbench_gpu.write_airbench_cache(tmp_path / "cifar10", str(tmp_path / "data"), verify_md5=False)
+    train, _ = cifar10.load_cifar10(tmp_path / "data", verify_md5=False)
+    cache = torch.load(tmp_path / "cifar10" / "train.pt", weights_only=True)  # as airbench 0.1.8's CifarLoader
+    assert cache["images"].dtype == torch.uint8 and cache["images"].shape == (100, 32, 32, 3)  # NHWC
+    assert torch.equal(cache["images"].permute(0, 3, 1, 2), train.images)  # what CifarLoader does with it
+    assert torch.equal(cache["labels"], train.labels) and cache["classes"] == list(cifar10.CLASSES)
+    assert len(torch.load(tmp_path / "cifar10" / "test.pt", weights_only=True)["labels"]) == 20
