@@ -132,7 +132,8 @@ def report(timings: Path, results: Path, data_note: str, tests_line: str) -> Pat
             *[f"- {line}" for line in environment()], "", markdown_table(rows, COLUMNS), "",
             "`train s` is the run's own training clock (tinycifar's summary, airbench's printed total); "
             "`epoch s` the seconds of each training epoch; `rc` the command's exit status (124: stopped by the "
-            "time limit; -1: not started, the script's time budget was spent)."]
+            "time limit; -1: not started, because the script's time budget was spent or, as its command says, what it "
+            "needs is missing)."]
     out = results / f"gpu_{slug(gpu_name())}"
     write_results(out, f"GPU check: {gpu_name() or 'no GPU (dry run)'}", body, rows=rows, data=data_note)
     return out.with_suffix(".md")

@@ -70,6 +70,14 @@ def test_dry_run_writes_the_results_table_from_a_timed_cpu_command(dry_run):
     assert 0 <= row["final acc"] <= 100 and row["epoch s"] == f"{row['train s']:.2f}"
 
 
+def test_a_spent_time_budget_starts_nothing_and_still_writes_the_table(tmp_path):
+    done = run_script("--dry-run", "--budget", "20", "--results", str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    assert "not started (time budget spent)" in done.stdout and "not run: the time budget is spent" in done.stdout
+    (row,) = json.loads((tmp_path / f"gpu_{gpu_check.slug(gpu_check.gpu_name())}.json").read_text())["rows"]
+    assert row["rc"] == -1 and row["epoch s"].startswith("no results")
+
+
 @pytest.mark.parametrize(("args", "fragment"), [
     (["--budget", "soon"], "--budget: expected whole seconds"),
     (["--data", "/nonexistent"], "--data /nonexistent: expected a folder holding cifar-10-batches-py/"),
