@@ -75,7 +75,7 @@ def test_training_learns_in_each_precision(tmp_path, precision):
     assert run.summary["precision"] == precision and run.summary["device"].startswith("cuda")
     losses = [h["train_loss"] for h in run.history]
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0], losses
-    assert run.summary["final_acc"] > 2 * CHANCE
+    assert run.summary["final_acc"] > 50  # 100% on the CPU in fp32 and bf16 (3 epochs of this synthetic set)
     assert all(torch.isfinite(p).all() for p in run.model.parameters()), "an overflowed step reached the weights"
 
 
