@@ -53,7 +53,8 @@ if ((DRY_RUN)); then
   echo "would run: $PYTHON -m pip install -q --no-index --no-deps --no-build-isolation .   (over the machine's torch)"
 else
   if compgen -G ".whl/*.whl" >/dev/null; then
-    "$PYTHON" -m pip install -q --no-index --no-deps --no-cache-dir .whl/*.whl
+    "$PYTHON" -m pip install -q --no-index --no-deps --no-cache-dir .whl/*.whl \
+      || echo "the wheels in .whl/ did not install: airbench's row will say it did not run"
   fi
   "$PYTHON" -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir . || {
     echo "pip could not install tinycifar here: using src/ on PYTHONPATH instead"
