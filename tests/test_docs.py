@@ -83,6 +83,16 @@ def test_a_broken_link_or_a_page_missing_from_the_navigation_fails_the_build(tmp
     assert done.returncode != 0 and complaint in done.stderr, done.stderr[-3000:]
 
 
+def test_with_a_repo_url_links_out_of_docs_point_at_the_repository(tmp_path):
+    root = copy_of_the_docs(tmp_path / "repo")
+    with (root / "mkdocs.yml").open("a") as config:
+        config.write("repo_url: https://github.com/someone/tinycifar\n")
+    done = mkdocs_build(root, tmp_path / "site")
+    assert done.returncode == 0, done.stderr[-3000:]
+    page = (tmp_path / "site" / "your-network" / "index.html").read_text()
+    assert 'href="https://github.com/someone/tinycifar/blob/main/examples/my_net.py"' in page
+
+
 def github_anchors(markdown: str) -> set[str]:
     """The ids GitHub gives a file's headings: lower case, punctuation dropped, spaces to hyphens."""
     anchors, fenced = set(), False
