@@ -34,7 +34,7 @@ serve: $(VENV)/.serve
 	$(BIN)/tinycifar serve $(if $(ARGS),$(ARGS),--checkpoint $(NEWEST))
 
 lint: $(VENV)/.dev
-	$(BIN)/ruff check src tests benchmarks examples
+	$(BIN)/ruff check src tests benchmarks examples docs
 
 test: lint
 	$(BIN)/pytest -q $(ARGS)

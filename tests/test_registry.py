@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import sys
 import textwrap
+import types
 from pathlib import Path
 
 import pytest
@@ -126,6 +128,13 @@ def test_instance_source_points_at_its_class_file():
     source = source_of_instance(nn.Sequential())
     assert source.kind == "instance" and source.spec.endswith(":Sequential") and source.path
     assert source_of_instance(create_model("era9")) == ModelSource("era9", "builtin")
+
+
+def test_instance_of_a_class_written_in_a_notebook_cell(monkeypatch):
+    """A Jupyter kernel's __main__ has no __file__: inspect then raises OSError, not TypeError."""
+    monkeypatch.setitem(sys.modules, "__main__", types.ModuleType("__main__"))
+    cell_class = type("Net", (nn.Module,), {"__module__": "__main__"})
+    assert source_of_instance(cell_class()) == ModelSource("__main__:Net", "instance", None, None)
 
 
 def test_short_name_is_fit_for_a_folder():

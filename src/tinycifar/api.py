@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -79,21 +80,35 @@ def _network(run: RunResult | str | Path, model: nn.Module | str | None) -> nn.M
     return copy.deepcopy(run.model) if isinstance(run, RunResult) and run.model is not None else None
 
 
+def _displayable(figure: Figure) -> Figure:
+    """``figure``, made sure to show when it ends a Jupyter cell.
+
+    Jupyter displays a ``Figure`` only once matplotlib's inline backend has registered its display
+    hook, which pyplot's first figure does; ours are drawn without pyplot (no global figure state),
+    so in a kernel where pyplot is not in use yet, ``%matplotlib inline`` is switched on here.
+    """
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None else None
+    if shell is not None and "IPKernelApp" in shell.config and "matplotlib.pyplot" not in sys.modules:
+        shell.run_line_magic("matplotlib", "inline")
+    return figure
+
+
 def plot_curves(run: RunResult | str | Path) -> Figure:
     """Loss and accuracy per epoch, train and test, of a run (a ``fit`` result or a run folder)."""
     run_dir = _run_dir(run)
     config_file = run_dir / "config.json"
     smoothing = json.loads(config_file.read_text()).get("label_smoothing", 0.0) if config_file.is_file() else 0.0
-    return _plot_history(read_history(run_dir, {}), float(smoothing))
+    return _displayable(_plot_history(read_history(run_dir, {}), float(smoothing)))
 
 
 def plot_mistakes(run: RunResult | str | Path, model: nn.Module | str | None = None, count: int = 24,
                   data: str | Path | None = None) -> Figure:
     """The test images the run's best checkpoint gets wrong with the highest confidence."""
-    return mistakes_figure(evaluate_run(_run_dir(run), data, _network(run, model)), count)
+    return _displayable(mistakes_figure(evaluate_run(_run_dir(run), data, _network(run, model)), count))
 
 
 def plot_gradcam(run: RunResult | str | Path, model: nn.Module | str | None = None, layer: str | None = None,
                  data: str | Path | None = None) -> Figure:
     """Grad-CAM maps of the most confident mistakes, on ``layer`` (default: the last conv map >= 8x8)."""
-    return gradcam_figure(evaluate_run(_run_dir(run), data, _network(run, model)), layer)[0]
+    return _displayable(gradcam_figure(evaluate_run(_run_dir(run), data, _network(run, model)), layer)[0])

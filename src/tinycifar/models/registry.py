@@ -227,8 +227,8 @@ def source_of_instance(model: nn.Module) -> ModelSource:
     cls = type(model)
     try:
         file = inspect.getsourcefile(cls)
-    except TypeError:  # defined in a notebook cell or the interpreter: no file to point at
-        file = None
+    except (TypeError, OSError):  # defined in a notebook cell or the interpreter: no file to point at
+        file = None  # (a class of a __main__ without __file__, as in a Jupyter kernel, raises OSError)
     spec = f"{file}:{cls.__qualname__}" if file else f"{cls.__module__}:{cls.__qualname__}"
     return ModelSource(spec, "instance", file, sha256_of(file) if file and Path(file).is_file() else None)
 
