@@ -15,7 +15,8 @@ Weights are 7-bit (-64..64, onnxruntime's ``reduce_range``) because an exported 
 Without VNNI (AVX2, and AVX-512 before VNNI) the u8 x s8 kernels add pairs of products in
 16-bit registers that saturate: 2 x 255 x 127 = 64,770 is past 32,767, and on a Zen 3 a
 model exported with 8-bit weights lost 28 points (issue 28). 7-bit weights keep every pair
-at 2 x 255 x 64 = 32,640, so the same file is right on every x86 CPU.
+at 2 x 255 x 64 = 32,640, ONNX Runtime's documented remedy, so no CPU's kernels can saturate;
+the accuracy check then measures the file on the CPU at hand (``serve --int8`` on the serving one).
 
 Activations are uint8 on x86-64 and int8 elsewhere. x86's integer dot products (AVX-512
 VNNI's VPDPBUSD, AVX2's VPMADDUBSW) multiply unsigned by signed bytes, and ONNX Runtime's fast
