@@ -210,6 +210,20 @@ def test_onnxruntime_engine_agrees_with_pytorch(checkpoints, int8):
     assert json.dumps(onnx.card)  # the card is plain JSON
 
 
+def test_serve_int8_refuses_a_model_that_lost_accuracy(tmp_path, broken_int8, monkeypatch, capsys):
+    """`serve --int8` builds its int8 model at start-up and measures it like `export --int8` does."""
+    import uvicorn
+    from tiny_run import train_learned_run
+
+    from tinycifar.cli import main
+
+    monkeypatch.setattr(uvicorn, "run", lambda *args, **kwargs: pytest.fail("a refused int8 model was served"))
+    checkpoint = train_learned_run(tmp_path / "run") / "best.pt"
+    assert main(["serve", "--checkpoint", str(checkpoint), "--engine", "onnxruntime", "--int8"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "points lower" in err and "refused" in err
+
+
 def test_a_user_network_is_matched_to_its_file_by_content(tmp_path):
     from tiny_run import train_tiny_run
 

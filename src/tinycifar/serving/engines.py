@@ -3,7 +3,8 @@
 Both engines take float RGB 0..1 batches (N, 3, 32, 32), the inference contract of
 ``NormalizedNet``, and return logits. The PyTorch engine computes in fp32, exactly like
 ``tinycifar predict``, so the same file gives the same answer through both. The ONNX Runtime
-engine runs the model ``tinycifar export`` writes (fp32, or int8 with its calibration).
+engine runs the model ``tinycifar export`` writes (fp32, or int8 with its calibration, refused at
+start-up like ``export --int8`` refuses it when it loses more than a point against fp32).
 
 ``MicroBatcher`` merges the images of requests that arrive together into one engine call:
 requests queue up while the engine is busy, and the next call takes all of them (up to
