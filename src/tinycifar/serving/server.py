@@ -36,6 +36,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from PIL import Image
 
+from .. import __version__
 from ..checkpoint import CheckpointError, load_checkpoint, recorded_source
 from ..config import ConfigError
 from ..data import CLASSES, Split, classes_of, image_size_of
@@ -255,7 +256,7 @@ def create_app(models: list[ServedModel], max_upload_mb: float = 8.0):
         for m in models:
             await m.batcher.close()
 
-    app = FastAPI(title="tinycifar", version="0.1.0", docs_url=None, redoc_url=None, lifespan=lifespan,
+    app = FastAPI(title="tinycifar", version=__version__, docs_url=None, redoc_url=None, lifespan=lifespan,
                   description="Classify 32x32 images with networks trained by tinycifar; Grad-CAM on request.")
     app.add_middleware(BodyLimit, limit=int(max_upload_mb * 1e6))
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
