@@ -46,6 +46,7 @@ from ..models.summary import model_summary
 from ..reports.report import find_gradcam_layer, grad_cam, read_history, upsample_cam
 from .engines import MicroBatcher, OnnxEngine, TorchEngine
 from .inference import NormalizedNet, inference_model, run_split, to_unit_float
+from .schemas import Gallery, Health, ModelCard, ModelEntry, Predictions, refusals
 
 STATIC = Path(__file__).with_name("static")
 MAX_TOP_K = 100  # asked for more than a model's classes, a request gets them all
@@ -272,20 +273,23 @@ def create_app(models: list[ServedModel], max_upload_mb: float = 8.0):
     def page():
         return FileResponse(STATIC / "index.html")
 
-    @app.get("/healthz", summary="Liveness: the served models")
+    @app.get("/healthz", summary="Liveness: the served models", responses={200: {"model": Health}})
     def healthz():
         return {"status": "ok", "models": list(by_name)}
 
-    @app.get("/api/models", summary="The served models, the default first")
+    @app.get("/api/models", summary="The served models, the default first",
+             responses={200: {"model": list[ModelEntry]}})
     def list_models():
         return [{"name": m.name, "network": m.card["network"], "test_accuracy": m.card["test_accuracy"]}
                 for m in models]
 
-    @app.get("/api/model", summary="The model card: network, size, receptive field, accuracy, curves")
+    @app.get("/api/model", summary="The model card: network, size, receptive field, accuracy, curves",
+             responses={200: {"model": ModelCard}, **refusals(404)})
     def model_card(model: str | None = None):
         return pick(model).card
 
-    @app.get("/api/gallery", summary="CIFAR-10 test images (view=test) or the most confident mistakes")
+    @app.get("/api/gallery", summary="CIFAR-10 test images (view=test) or the most confident mistakes",
+             responses={200: {"model": Gallery}, **refusals(404)})
     def gallery(model: str | None = None, view: str = Query("test", pattern="^(test|mistakes)$"),
                 offset: int = Query(0, ge=0), limit: int = Query(48, ge=1, le=200)):
         m = pick(model)
@@ -300,8 +304,9 @@ def create_app(models: list[ServedModel], max_upload_mb: float = 8.0):
                  for i in chosen]
         return {"model": m.name, "view": view, "total": len(indices), "offset": offset, "items": items}
 
-    @app.post("/api/predict", summary="Classify uploaded images (multipart field 'file', repeatable)")
-    async def predict(file: list[UploadFile] = File(..., description="one or more image files"),
+    @app.post("/api/predict", summary="Classify uploaded images (multipart field 'file', repeatable)",
+              responses={200: {"model": Predictions}, **refusals(400, 404, 413)})
+    async def predict(file: list[UploadFile] = File(..., min_length=1, description="one or more image files"),
                       model: str | None = None, top_k: int = Query(5, ge=1, le=MAX_TOP_K),
                       gradcam: bool = False):
         m = pick(model)
@@ -320,7 +325,8 @@ def create_app(models: list[ServedModel], max_upload_mb: float = 8.0):
         results = await predict_images(m, names, torch.stack(images), top_k, gradcam)
         return {"model": m.name, "results": results, "errors": errors}
 
-    @app.post("/api/predict-test", summary="Classify one CIFAR-10 test image by its index")
+    @app.post("/api/predict-test", summary="Classify one CIFAR-10 test image by its index",
+              responses={200: {"model": Predictions}, **refusals(404)})
     async def predict_test(index: int = Query(..., ge=0), model: str | None = None,
                            top_k: int = Query(5, ge=1, le=MAX_TOP_K), gradcam: bool = False):
         m = pick(model)
