@@ -9,16 +9,23 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 
-class Error(BaseModel):
+class Described(BaseModel):
+    """No key beyond the described ones (``additionalProperties: false``): an answer that grows a
+    key the description does not have fails the schema checks instead of passing unnoticed."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class Error(Described):
     """Any refusal: unknown model, no test set or image, an upload over the size limit."""
 
     detail: str
 
 
-class FileError(BaseModel):
+class FileError(Described):
     filename: str
     error: str = Field(description="starts with the file name, then what is wrong with it")
 
@@ -30,13 +37,13 @@ class UnusableUploads(Error):
                                                                        "body itself could not be parsed)")
 
 
-class ClassProbability(BaseModel):
+class ClassProbability(Described):
     label: str
     index: int
     prob: float
 
 
-class Prediction(BaseModel):
+class Prediction(Described):
     filename: str
     top: list[ClassProbability] = Field(description="the most probable classes, most probable first")
     input_png: str = Field(description="the network's input as a base64 PNG")
@@ -44,24 +51,24 @@ class Prediction(BaseModel):
     true_label: str | None = Field(None, description="/api/predict-test only")
 
 
-class Predictions(BaseModel):
+class Predictions(Described):
     model: str
     results: list[Prediction]
     errors: list[FileError] = Field(description="the uploads that were no usable image; the others are answered")
 
 
-class Health(BaseModel):
+class Health(Described):
     status: Literal["ok"]
     models: list[str]
 
 
-class ModelEntry(BaseModel):
+class ModelEntry(Described):
     name: str
     network: str
     test_accuracy: float | None
 
 
-class GalleryItem(BaseModel):
+class GalleryItem(Described):
     index: int
     label: str
     png: str
@@ -69,7 +76,7 @@ class GalleryItem(BaseModel):
     prob: float
 
 
-class Gallery(BaseModel):
+class Gallery(Described):
     model: str
     view: Literal["test", "mistakes"]
     total: int
@@ -77,7 +84,7 @@ class Gallery(BaseModel):
     items: list[GalleryItem]
 
 
-class Epoch(BaseModel):
+class Epoch(Described):
     epoch: int
     train_loss: float | None
     test_loss: float | None
@@ -85,7 +92,7 @@ class Epoch(BaseModel):
     test_acc: float | None
 
 
-class ModelCard(BaseModel):
+class ModelCard(Described):
     name: str
     network: str
     params: int
