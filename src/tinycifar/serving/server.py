@@ -262,6 +262,11 @@ def create_app(models: list[ServedModel], max_upload_mb: float = 8.0):
     app.add_middleware(BodyLimit, limit=int(max_upload_mb * 1e6))
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
+    # The served names as an enum in /openapi.json: a client (and the fuzz test) learns them from
+    # the description; a name outside it is still answered with a 404 listing them.
+    served_model = Query(None, description="a served model (default: the first)",
+                         json_schema_extra={"enum": list(by_name)})
+
     def pick(name: str | None) -> ServedModel:
         if name is None:
             return models[0]
@@ -285,12 +290,12 @@ def create_app(models: list[ServedModel], max_upload_mb: float = 8.0):
 
     @app.get("/api/model", summary="The model card: network, size, receptive field, accuracy, curves",
              responses={200: {"model": ModelCard}, **refusals(404)})
-    def model_card(model: str | None = None):
+    def model_card(model: str | None = served_model):
         return pick(model).card
 
     @app.get("/api/gallery", summary="CIFAR-10 test images (view=test) or the most confident mistakes",
              responses={200: {"model": Gallery}, **refusals(404)})
-    def gallery(model: str | None = None, view: str = Query("test", pattern="^(test|mistakes)$"),
+    def gallery(model: str | None = served_model, view: str = Query("test", pattern="^(test|mistakes)$"),
                 offset: int = Query(0, ge=0), limit: int = Query(48, ge=1, le=200)):
         m = pick(model)
         if m.test is None:
@@ -307,7 +312,7 @@ def create_app(models: list[ServedModel], max_upload_mb: float = 8.0):
     @app.post("/api/predict", summary="Classify uploaded images (multipart field 'file', repeatable)",
               responses={200: {"model": Predictions}, **refusals(400, 404, 413)})
     async def predict(file: list[UploadFile] = File(..., min_length=1, description="one or more image files"),
-                      model: str | None = None, top_k: int = Query(5, ge=1, le=MAX_TOP_K),
+                      model: str | None = served_model, top_k: int = Query(5, ge=1, le=MAX_TOP_K),
                       gradcam: bool = False):
         m = pick(model)
         names, images, errors = [], [], []
@@ -327,7 +332,7 @@ def create_app(models: list[ServedModel], max_upload_mb: float = 8.0):
 
     @app.post("/api/predict-test", summary="Classify one CIFAR-10 test image by its index",
               responses={200: {"model": Predictions}, **refusals(404)})
-    async def predict_test(index: int = Query(..., ge=0), model: str | None = None,
+    async def predict_test(index: int = Query(..., ge=0), model: str | None = served_model,
                            top_k: int = Query(5, ge=1, le=MAX_TOP_K), gradcam: bool = False):
         m = pick(model)
         if m.test is None or index >= len(m.test):
