@@ -17,6 +17,9 @@ The API, described at ``/openapi.json``:
 - ``POST /api/predict-test?index=``: the same for one CIFAR-10 test image (``true_label`` added).
 - ``GET /api/models``, ``GET /api/model?model=`` (the model card), ``GET /api/gallery``,
   ``GET /healthz``.
+
+Every answer, refusals included, is described in ``/openapi.json`` by the models of ``schemas.py``;
+``tests/test_server_fuzz.py`` holds the server to that description with generated requests.
 """
 
 from __future__ import annotations
