@@ -44,7 +44,7 @@ def _run(argv: list[str], cwd: Path, env: dict[str, str] | None = None, timeout:
 
 @pytest.fixture(scope="module")
 def dist(tmp_path_factory) -> Path:
-    """sdist and wheel of this tree, built once per session, and passed by ``twine check``.
+    """sdist and wheel of this tree, built once for these tests, and passed by ``twine check``.
 
     Built from a copy of what the build reads, without any egg-info: setuptools keeps the file
     list of an old one, which would hide a package-data line gone missing."""
@@ -75,7 +75,7 @@ def venv(dist, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def outside(tmp_path_factory) -> Path:
-    """A working folder away from the repository, and an environment without this tree on its path."""
+    """A working folder away from the repository (with _env, nothing of the tree is on the path)."""
     return tmp_path_factory.mktemp("outside")
 
 
