@@ -8,24 +8,26 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 ARGS   ?=
+# pyproject.toml gives ranges; constraints.txt pins our machines' releases (torch from local disk)
+PIP    := $(BIN)/pip install -q -c constraints.txt
 
 .PHONY: train test lint serve clean
 
-$(BIN)/tinycifar: pyproject.toml
+$(BIN)/tinycifar: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e .
+	$(PIP) -e .
 	touch $@
 
 $(VENV)/.dev: $(BIN)/tinycifar
-	$(BIN)/pip install -q -e ".[dev]"
+	$(PIP) -e ".[dev]"
 	touch $@
 
 train: $(BIN)/tinycifar
 	$(BIN)/tinycifar train --preset fast $(ARGS)
 
 $(VENV)/.serve: $(BIN)/tinycifar
-	$(BIN)/pip install -q -e ".[serve]"
+	$(PIP) -e ".[serve]"
 	touch $@
 
 NEWEST := $(shell ls -t runs/*/best.pt 2>/dev/null | head -n 1)

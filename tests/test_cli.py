@@ -260,6 +260,13 @@ def test_no_command_and_unknown_command(capsys):
     assert_one_line_error(rc, err, "invalid choice", "")
 
 
+def test_version_is_the_installed_release(capsys):
+    from importlib.metadata import version
+
+    rc, out, err = run_main(capsys, ["--version"])
+    assert rc == 0 and out == f"tinycifar {version('tinycifar')}\n" and err == ""
+
+
 # ---------------------------------------------------------------------------- as a real process
 
 

@@ -10,15 +10,11 @@ from __future__ import annotations
 import base64
 import os
 import shutil
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx2 as httpx
 import pytest
-from serve_helpers import png_bytes, served_checkpoint
+from serve_helpers import png_bytes, running_server, served_checkpoint
 
 from tinycifar.data import CLASSES
 
@@ -47,27 +43,10 @@ def server(tmp_path_factory):
     _need_browser()
     root = tmp_path_factory.mktemp("browser")
     a, b = served_checkpoint(root / "fast-a"), served_checkpoint(root / "slim-b", model="slimres50k", seed=1)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "tinycifar", "serve", "--checkpoint", str(a), "--checkpoint", str(b),
-                             "--port", str(port), "--threads", "1"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.3)
-        assert proc.poll() is None, proc.stdout.read()
-    else:
-        proc.kill()
-        pytest.fail("the server did not come up in 120 s")
-    yield url, root
-    proc.terminate()
-    proc.wait(timeout=20)
+    argv = [sys.executable, "-m", "tinycifar", "serve", "--checkpoint", str(a), "--checkpoint", str(b),
+            "--threads", "1"]
+    with running_server(argv, env={**os.environ, "OMP_NUM_THREADS": "1"}) as (url, _):
+        yield url, root
 
 
 @pytest.fixture(scope="module")

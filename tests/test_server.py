@@ -156,6 +156,30 @@ def test_gallery_mistakes_and_test_images(client, served):
     assert client.post("/api/predict-test", params={"index": 100}).status_code == 404
 
 
+def test_every_answer_matches_its_described_schema(client):
+    """The bodies /openapi.json promises (serving/schemas.py, no undescribed key allowed) are what
+    the handlers return; the fuzz test checks the same against a real server with generated input."""
+    from pydantic import TypeAdapter
+
+    from tinycifar.serving import schemas
+
+    def answer(response, status: int):
+        assert response.status_code == status, response.text
+        return response.json()
+
+    schemas.Health.model_validate(answer(client.get("/healthz"), 200))
+    TypeAdapter(list[schemas.ModelEntry]).validate_python(answer(client.get("/api/models"), 200))
+    schemas.ModelCard.model_validate(answer(client.get("/api/model", params={"model": "slim-b"}), 200))
+    schemas.Gallery.model_validate(answer(client.get("/api/gallery", params={"view": "mistakes"}), 200))
+    files = upload(("a.png", png_bytes(1)), ("notes.txt", b"text"))
+    predicted = answer(client.post("/api/predict", files=files, params={"gradcam": 1}), 200)
+    assert schemas.Predictions.model_validate(predicted).results[0].gradcam_png
+    tested = answer(client.post("/api/predict-test", params={"index": 3}), 200)
+    assert schemas.Predictions.model_validate(tested).results[0].true_label
+    schemas.UnusableUploads.model_validate(answer(client.post("/api/predict", files=upload(("x.txt", b"x"))), 400))
+    schemas.Error.model_validate(answer(client.get("/api/gallery", params={"model": "zzz"}), 404))
+
+
 def test_openapi_describes_the_api_and_the_page_loads_nothing_from_elsewhere(client):
     spec = client.get("/openapi.json").json()
     assert {"/api/predict", "/api/model", "/api/models", "/healthz", "/api/gallery"} <= set(spec["paths"])

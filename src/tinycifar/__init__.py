@@ -5,7 +5,12 @@ The notebook API (``fit``, ``check``, ``summary``, ``plot_curves``, ``plot_mista
 line does not pay for matplotlib at start-up.
 """
 
-__version__ = "0.1.0"
+from importlib.metadata import PackageNotFoundError, version
+
+try:  # pyproject.toml is the one place the version is written; this reads what was installed
+    __version__ = version("tinycifar")
+except PackageNotFoundError:  # a source tree on sys.path, never installed
+    __version__ = "0+unknown"
 
 _API = ("CheckReport", "Rules", "RunResult", "Summary", "check", "fit", "plot_curves", "plot_gradcam",
         "plot_mistakes", "summary")

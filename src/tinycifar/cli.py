@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from . import __version__
 from .checkpoint import CheckpointError
 from .config import PRESETS, ConfigError, load_config_file, parse_assignments, resolve_config
 from .data import DatasetError, classes_of
@@ -467,6 +468,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .evaluate import TTA_MODES
 
     parser = OneLineErrorParser(prog="tinycifar", description="Fast compact CIFAR-10 networks.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}",
+                        help="the installed release (what a bug report needs)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a network")

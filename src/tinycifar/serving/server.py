@@ -17,6 +17,9 @@ The API, described at ``/openapi.json``:
 - ``POST /api/predict-test?index=``: the same for one CIFAR-10 test image (``true_label`` added).
 - ``GET /api/models``, ``GET /api/model?model=`` (the model card), ``GET /api/gallery``,
   ``GET /healthz``.
+
+Every answer, refusals included, is described in ``/openapi.json`` by the models of ``schemas.py``;
+``tests/test_server_fuzz.py`` holds the server to that description with generated requests.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from PIL import Image
 
+from .. import __version__
 from ..checkpoint import CheckpointError, load_checkpoint, recorded_source
 from ..config import ConfigError
 from ..data import CLASSES, Split, classes_of, image_size_of
@@ -45,6 +49,7 @@ from ..models.summary import model_summary
 from ..reports.report import find_gradcam_layer, grad_cam, read_history, upsample_cam
 from .engines import MicroBatcher, OnnxEngine, TorchEngine
 from .inference import NormalizedNet, inference_model, run_split, to_unit_float
+from .schemas import Gallery, Health, ModelCard, ModelEntry, Predictions, refusals
 
 STATIC = Path(__file__).with_name("static")
 MAX_TOP_K = 100  # asked for more than a model's classes, a request gets them all
@@ -255,10 +260,15 @@ def create_app(models: list[ServedModel], max_upload_mb: float = 8.0):
         for m in models:
             await m.batcher.close()
 
-    app = FastAPI(title="tinycifar", version="0.1.0", docs_url=None, redoc_url=None, lifespan=lifespan,
+    app = FastAPI(title="tinycifar", version=__version__, docs_url=None, redoc_url=None, lifespan=lifespan,
                   description="Classify 32x32 images with networks trained by tinycifar; Grad-CAM on request.")
     app.add_middleware(BodyLimit, limit=int(max_upload_mb * 1e6))
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    # The served names as an enum in /openapi.json: a client (and the fuzz test) learns them from
+    # the description; a name outside it is still answered with a 404 listing them.
+    served_model = Query(None, description="a served model (default: the first)",
+                         json_schema_extra={"enum": list(by_name)})
 
     def pick(name: str | None) -> ServedModel:
         if name is None:
@@ -271,21 +281,24 @@ def create_app(models: list[ServedModel], max_upload_mb: float = 8.0):
     def page():
         return FileResponse(STATIC / "index.html")
 
-    @app.get("/healthz", summary="Liveness: the served models")
+    @app.get("/healthz", summary="Liveness: the served models", responses={200: {"model": Health}})
     def healthz():
         return {"status": "ok", "models": list(by_name)}
 
-    @app.get("/api/models", summary="The served models, the default first")
+    @app.get("/api/models", summary="The served models, the default first",
+             responses={200: {"model": list[ModelEntry]}})
     def list_models():
         return [{"name": m.name, "network": m.card["network"], "test_accuracy": m.card["test_accuracy"]}
                 for m in models]
 
-    @app.get("/api/model", summary="The model card: network, size, receptive field, accuracy, curves")
-    def model_card(model: str | None = None):
+    @app.get("/api/model", summary="The model card: network, size, receptive field, accuracy, curves",
+             responses={200: {"model": ModelCard}, **refusals(404)})
+    def model_card(model: str | None = served_model):
         return pick(model).card
 
-    @app.get("/api/gallery", summary="CIFAR-10 test images (view=test) or the most confident mistakes")
-    def gallery(model: str | None = None, view: str = Query("test", pattern="^(test|mistakes)$"),
+    @app.get("/api/gallery", summary="CIFAR-10 test images (view=test) or the most confident mistakes",
+             responses={200: {"model": Gallery}, **refusals(404)})
+    def gallery(model: str | None = served_model, view: str = Query("test", pattern="^(test|mistakes)$"),
                 offset: int = Query(0, ge=0), limit: int = Query(48, ge=1, le=200)):
         m = pick(model)
         if m.test is None:
@@ -299,9 +312,10 @@ def create_app(models: list[ServedModel], max_upload_mb: float = 8.0):
                  for i in chosen]
         return {"model": m.name, "view": view, "total": len(indices), "offset": offset, "items": items}
 
-    @app.post("/api/predict", summary="Classify uploaded images (multipart field 'file', repeatable)")
-    async def predict(file: list[UploadFile] = File(..., description="one or more image files"),
-                      model: str | None = None, top_k: int = Query(5, ge=1, le=MAX_TOP_K),
+    @app.post("/api/predict", summary="Classify uploaded images (multipart field 'file', repeatable)",
+              responses={200: {"model": Predictions}, **refusals(400, 404, 413)})
+    async def predict(file: list[UploadFile] = File(..., min_length=1, description="one or more image files"),
+                      model: str | None = served_model, top_k: int = Query(5, ge=1, le=MAX_TOP_K),
                       gradcam: bool = False):
         m = pick(model)
         names, images, errors = [], [], []
@@ -319,8 +333,9 @@ def create_app(models: list[ServedModel], max_upload_mb: float = 8.0):
         results = await predict_images(m, names, torch.stack(images), top_k, gradcam)
         return {"model": m.name, "results": results, "errors": errors}
 
-    @app.post("/api/predict-test", summary="Classify one CIFAR-10 test image by its index")
-    async def predict_test(index: int = Query(..., ge=0), model: str | None = None,
+    @app.post("/api/predict-test", summary="Classify one CIFAR-10 test image by its index",
+              responses={200: {"model": Predictions}, **refusals(404)})
+    async def predict_test(index: int = Query(..., ge=0), model: str | None = served_model,
                            top_k: int = Query(5, ge=1, le=MAX_TOP_K), gradcam: bool = False):
         m = pick(model)
         if m.test is None or index >= len(m.test):
