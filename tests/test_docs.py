@@ -64,7 +64,7 @@ def copy_of_the_docs(tmp_path: Path) -> Path:
     """mkdocs.yml and docs/ copied, the rest of the repository linked, so a test can break a page."""
     shutil.copytree(ROOT / "docs", tmp_path / "docs")
     shutil.copy(ROOT / "mkdocs.yml", tmp_path)
-    for name in ("examples", "src", "benchmarks", "tests"):
+    for name in ("examples", "src", "benchmarks", "tests", "CHANGELOG.md"):
         (tmp_path / name).symlink_to(ROOT / name)
     return tmp_path
 

@@ -125,7 +125,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # four times fastnet's compute, 100 epochs at batch 256 (the CPU's fastest, and twice the
     # steps), the fast recipe's levers, the standard pad-4 crop, the first 30% of the epochs at
     # 24x24, one test pass at the end with TTA. 40 -> 100 epochs gave +0.9 points, SE +0.4
-    # with TTA (README, "Levers toward 93.5%").
+    # with TTA (docs/best.md, "Levers toward 93.5%").
     "best": dict(
         model="slimres200k_se", epochs=100, batch_size=256,
         aug=dict(policy="fast", translate_pad=4, cutout_size=8, alternate_flip=True),
