@@ -164,10 +164,11 @@ def prepare_model(model: nn.Module, cfg: TrainConfig, train_split: Split, mean: 
         if stem is None or stem.in_channels != 3:
             raise ConfigError(f"whiten_stem: {cfg.model} has no first convolution on the 3 image channels to "
                               "whiten; pass --set whiten_stem=false")
-        sample = train_split.images[:5000].float().div(255)
-        sample = (sample - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)
+        # normalized in place on the CPU; init_whitening moves it to the device chunk by chunk
+        sample = train_split.images[:5000].float().div_(255)
+        sample.sub_(torch.tensor(mean).view(1, -1, 1, 1)).div_(torch.tensor(std).view(1, -1, 1, 1))
         try:
-            init_whitening(stem, sample.to(stem.weight.device))
+            init_whitening(stem, sample)
         except ValueError as e:
             raise ConfigError(f"whiten_stem: the first convolution of {cfg.model} ({stem}) cannot hold the "
                               f"whitening filters: {e}; pass --set whiten_stem=false") from None
