@@ -32,7 +32,6 @@ from tinycifar.training.train import (
     METRIC_FIELDS,
     TrainingError,
     build_optimizer,
-    ema_with_warmup,
     lr_factor,
     param_groups,
     train,
@@ -351,20 +350,6 @@ def test_ema_weights_are_what_the_checkpoint_serves(tmp_path):
 
 class Stop(Exception):
     pass
-
-
-def test_ema_decay_ramps_up_from_the_first_updates():
-    """A fresh average follows the model (decay 1/10, 2/11, ...) and settles at the set decay."""
-    update = ema_with_warmup(0.99)
-    ema, new = [torch.zeros(3)], [torch.ones(3)]
-    update(ema, new, torch.tensor(0))  # decay 1/10: moves 90% of the way
-    assert torch.allclose(ema[0], torch.full((3,), 0.9))
-    ema = [torch.zeros(3)]
-    update(ema, new, torch.tensor(10_000))  # ramp above 0.99: the set decay holds
-    assert torch.allclose(ema[0], torch.full((3,), 0.01))
-    counters = [torch.tensor([3])]
-    update(counters, [torch.tensor([7])], torch.tensor(5))
-    assert counters[0].item() == 7
 
 
 def test_ema_run_resumes_exactly(tmp_path, monkeypatch):

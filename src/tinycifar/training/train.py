@@ -27,7 +27,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm  # a widget in Jupyter, a text bar in a terminal
 
 from ..checkpoint import (
@@ -45,6 +44,7 @@ from ..data.loader import DeviceLoader, channel_stats
 from ..evaluate import EvalResult, autocast_context, evaluate, evaluate_views
 from ..models import ModelError, ModelSource, build_model, count_params, init_whitening
 from ..models.registry import check_output, short_name
+from .ema import WarmupEMA
 from .losses import build_criterion
 
 METRIC_FIELDS = [
@@ -202,23 +202,6 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
     return [g for g in groups if g["params"]]
 
 
-def ema_with_warmup(decay: float):
-    """EMA update whose decay ramps as min(decay, (1 + n) / (10 + n)) over the n updates so far.
-
-    With a fixed decay, a short run's average keeps a large share of the random initial
-    weights (0.99 over 195 steps: 14%); the ramp lets it follow the early weights and reach
-    `decay` after a few hundred steps, where later evaluations no longer see a difference.
-    """
-    def update(ema_tensors: list[torch.Tensor], tensors: list[torch.Tensor], n_averaged: torch.Tensor) -> None:
-        # a tensor on the model's device: no host sync per step on GPUs
-        d = torch.clamp((1 + n_averaged) / (10 + n_averaged), max=decay)
-        if torch.is_floating_point(ema_tensors[0]):
-            torch._foreach_lerp_(ema_tensors, tensors, 1 - d)
-        else:  # counters such as num_batches_tracked: take the model's
-            torch._foreach_copy_(ema_tensors, tensors)
-    return update
-
-
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     groups = param_groups(model, cfg)
     for g in groups:
@@ -372,7 +355,7 @@ class Run:
     run_dir: Path
     model: nn.Module  # the network being trained
     net: nn.Module  # what a step calls: the model, wrapped in DDP and/or torch.compile
-    ema: AveragedModel | None
+    ema: WarmupEMA | None
     source: ModelSource
     optimizer: torch.optim.Optimizer
     criterion: nn.Module
@@ -512,8 +495,7 @@ def setup(cfg: TrainConfig, env: DistEnv, data: tuple[Split, Split] | None = Non
     # timestamped) and reads the resume checkpoint from it before rank 0 can overwrite it
     # (that happens only after the collectives of a whole epoch).
     run_dir = rank0_first(env, lambda: prepare_run_dir(cfg), share=True)
-    ema = (AveragedModel(model, multi_avg_fn=ema_with_warmup(cfg.ema_decay), use_buffers=True)
-           if cfg.ema_decay > 0 else None)
+    ema = WarmupEMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
     net = model
     if env.world_size > 1:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
