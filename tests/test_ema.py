@@ -3,25 +3,10 @@
 from __future__ import annotations
 
 import torch
+from host_reads import HostReads
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from tinycifar.training.ema import WarmupEMA, warmup_weight
-
-
-class HostReads(TorchDispatchMode):
-    """Counts the operations that read a tensor's value back to Python (a device sync on a GPU)."""
-
-    READS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default,
-             torch.ops.aten.item.default}
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += func in self.READS
-        return func(*args, **(kwargs or {}))
 
 
 def net() -> nn.Module:
