@@ -18,12 +18,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from host_reads import HostReads
 from torch import nn
 
 from tinycifar.checkpoint import load_checkpoint, model_from_checkpoint
 from tinycifar.cli import main
 from tinycifar.config import TrainConfig, resolve_config
 from tinycifar.data import DatasetError, synthetic_cifar10
+from tinycifar.data import augmix as augmix_module
 from tinycifar.data.loader import DeviceLoader
 from tinycifar.evaluate import evaluate
 from tinycifar.models import ClassifierHead, Net, create_model
@@ -350,6 +352,32 @@ def test_ema_weights_are_what_the_checkpoint_serves(tmp_path):
 
 class Stop(Exception):
     pass
+
+
+def host_reads_of_one_epoch(tmp_path: Path, monkeypatch, images: int) -> list[str]:
+    """The host reads of a whole training epoch (not quiet: the bar updates every 10 steps), with EMA,
+    gradient clipping, the fast policy and AugMix run as on a GPU."""
+    monkeypatch.setattr(augmix_module, "PICK_BY_INDEX_ON", ())
+    real, seen = train_mod.train_one_epoch, []
+
+    def counted(run, epoch: int):
+        with HostReads() as reads:
+            stats = real(run, epoch)
+        seen.append(reads.seen)
+        return stats
+
+    monkeypatch.setattr(train_mod, "train_one_epoch", counted)
+    train(quick_cfg(tmp_path / str(images), epochs=1, synthetic_size=images, batch_size=10, ema_decay=0.9,
+                    grad_clip=1.0, quiet=False, aug={"policy": "fast", "augmix": "mix"}))
+    return seen[0]
+
+
+def test_training_steps_read_nothing_back_from_the_device(tmp_path, monkeypatch, capsys):
+    """No step waits for the device: 12 steps and 24 make the same reads, the epoch's two totals
+    (train loss and accuracy, read once at its end to be printed and logged)."""
+    twelve, twenty_four = (host_reads_of_one_epoch(tmp_path, monkeypatch, n) for n in (120, 240))
+    assert twelve == twenty_four == ["aten._local_scalar_dense.default"] * 2
+    assert "Batch_id=23 " in capsys.readouterr().err  # the bar shows the last step
 
 
 def test_ema_run_resumes_exactly(tmp_path, monkeypatch):

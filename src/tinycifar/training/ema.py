@@ -28,24 +28,22 @@ class WarmupEMA(AveragedModel):
 
     The stock update compares its step counter with 0 and hands the averaging a 0-dim tensor
     weight: host reads every step, which stall a GPU's queue. Here the count is a Python int
-    (read from the state once after construction or ``load_state_dict``) and the weight a Python
-    float; the ``n_averaged`` buffer is still kept, so checkpoints are the stock ones.
+    (read from the state only by ``load_state_dict``, on resume) and the weight a Python float;
+    the ``n_averaged`` buffer is still kept, so checkpoints are the stock ones.
     """
 
     def __init__(self, model: nn.Module, decay: float):
         super().__init__(model, use_buffers=True)
         self.decay = decay
-        self._count: int | None = None  # n_averaged, mirrored on the host
+        self._count = 0  # n_averaged, mirrored on the host
 
     def load_state_dict(self, state_dict: Any, *args: Any, **kwargs: Any) -> Any:
         result = super().load_state_dict(state_dict, *args, **kwargs)
-        self._count = None
+        self._count = int(self.n_averaged)
         return result
 
     @torch.no_grad()
     def update_parameters(self, model: nn.Module) -> None:
-        if self._count is None:
-            self._count = int(self.n_averaged)  # a CPU buffer: no device sync, once per run or resume
         pairs = zip(itertools.chain(self.module.parameters(), self.module.buffers()),
                     itertools.chain(model.parameters(), model.buffers()), strict=True)
         floats, counters = [], []  # counters such as num_batches_tracked: take the model's

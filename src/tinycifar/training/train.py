@@ -46,6 +46,7 @@ from ..models import ModelError, ModelSource, build_model, count_params, init_wh
 from ..models.registry import check_output, short_name
 from .ema import WarmupEMA
 from .losses import build_criterion
+from .progress import BarReadout
 
 METRIC_FIELDS = [
     "epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "seconds", "train_seconds_total", "eval_seconds",
@@ -569,6 +570,7 @@ def train_one_epoch(run: Run, epoch: int) -> EpochStats:
     if not run.quiet:
         print(f"EPOCH: {epoch + 1}")
     bar = tqdm(run.train_loader, total=steps, disable=run.quiet, dynamic_ncols=True, leave=True)
+    readout = BarReadout(device)
     t0 = time.perf_counter()
     for i, (x, y) in enumerate(bar):
         lr = cfg.lr * lr_factor(epoch * steps + i, steps * cfg.epochs, steps, cfg)
@@ -584,13 +586,14 @@ def train_one_epoch(run: Run, epoch: int) -> EpochStats:
         if run.ema is not None:
             run.ema.update_parameters(run.model)
         if run.log is not None:
-            run.log.step(epoch * steps + i, loss.item(), lr)
+            run.log.step(epoch * steps + i, loss, lr)
         loss_sum += loss.detach() * len(y)
         # the labelled images, not AugMix's views; a mixed image counts for its larger share's class
         correct += (logits[: len(y)].argmax(1) == (y if y.ndim == 1 else y.argmax(1))).sum()
         seen += len(y)
         if not run.quiet and (i % 10 == 0 or i == steps - 1):
-            bar.set_description(f"Loss={loss.item():.4f} Batch_id={i} Accuracy={100.0 * correct.item() / seen:.2f}")
+            readout.push(i, loss, correct, seen)
+            show(bar, readout.text(wait=i == steps - 1))  # the newest that arrived; the last step's awaited
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - t0
@@ -606,6 +609,11 @@ def train_one_epoch(run: Run, epoch: int) -> EpochStats:
         raise TrainingError(f"epoch {epoch + 1}: training loss is {train_loss}; stopped, {good}; "
                             "lower --lr or set a --grad-clip")
     return EpochStats(train_loss, train_acc, seconds, lr)
+
+
+def show(bar: tqdm, text: str | None) -> None:
+    if text is not None:
+        bar.set_description(text)
 
 
 def evaluates_after(cfg: TrainConfig, epoch: int) -> bool:
