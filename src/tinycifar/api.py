@@ -44,10 +44,11 @@ def fit(model: nn.Module | str, preset: str = "seed", **overrides: Any) -> RunRe
     """Train ``model`` with a preset's recipe; keyword arguments override any config value.
 
     ``fit(Net(), preset="fast", epochs=5, lr=0.05, aug={"policy": "seed"}, out="runs/try1")``.
-    An ``nn.Module`` is trained in place: afterwards its weights are the trained ones (the
-    recipe's whitening stem and frozen scales included), and it is handed back on the device, in
-    the memory format and in the train/eval mode it came in, although training ran on the run's
-    device (a GPU when there is one) and in channels_last when the recipe says so.
+    An ``nn.Module`` is trained in place: afterwards its weights are the trained ones, and the
+    parameters the recipe froze (a whitening stem's filters, batch-norm scales) keep
+    ``requires_grad=False``. It is handed back on the device, in the memory format and in the
+    train/eval mode it came in, although training ran on the run's device (a GPU when there is
+    one) and in channels_last when the recipe says so.
     ``result.model`` is the network that was evaluated: your module, or the moving average of its
     weights when the preset keeps one (a copy, left on the training device). Returns the run
     folder, the summary (``result.summary["final_acc"]``) and the per-epoch history.
