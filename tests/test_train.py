@@ -354,9 +354,9 @@ class Stop(Exception):
     pass
 
 
-def host_reads_of_one_epoch(tmp_path: Path, monkeypatch, images: int, aug: dict) -> list[str]:
+def host_reads_of_one_epoch(tmp_path: Path, monkeypatch, images: int, options: dict) -> list[str]:
     """The host reads of a whole training epoch (not quiet: the bar updates every 10 steps), with EMA,
-    gradient clipping and the augmentation ``aug`` (AugMix run as on a GPU)."""
+    gradient clipping and ``options`` (AugMix run as on a GPU)."""
     monkeypatch.setattr(augmix_module, "PICK_BY_INDEX_ON", ())
     real, seen = train_mod.train_one_epoch, []
 
@@ -367,17 +367,19 @@ def host_reads_of_one_epoch(tmp_path: Path, monkeypatch, images: int, aug: dict)
         return stats
 
     monkeypatch.setattr(train_mod, "train_one_epoch", counted)
-    train(quick_cfg(tmp_path / f"{images}-{aug['policy']}", epochs=1, synthetic_size=images, batch_size=10,
-                    ema_decay=0.9, grad_clip=1.0, quiet=False, aug=aug))
+    train(quick_cfg(tmp_path / str(images), epochs=1, synthetic_size=images, batch_size=10, ema_decay=0.9,
+                    grad_clip=1.0, quiet=False, **options))
     return seen[0]
 
 
-@pytest.mark.parametrize("aug", [{"policy": "fast", "augmix": "mix"},
-                                 {"policy": "seed", "mix": "cutmix", "mix_p": 1.0}])
-def test_training_steps_read_nothing_back_from_the_device(tmp_path, monkeypatch, capsys, aug):
+@pytest.mark.parametrize("options", [{"aug": {"policy": "fast", "augmix": "mix"}},
+                                     {"aug": {"policy": "seed", "mix": "cutmix", "mix_p": 1.0}},
+                                     {"tensorboard": True}])
+def test_training_steps_read_nothing_back_from_the_device(tmp_path, monkeypatch, capsys, options):
     """No step waits for the device: 12 steps and 24 make the same reads, the epoch's two totals
-    (train loss and accuracy, read once at its end to be printed and logged)."""
-    twelve, twenty_four = (host_reads_of_one_epoch(tmp_path, monkeypatch, n, aug) for n in (120, 240))
+    (train loss and accuracy, read once at its end to be printed and logged). TensorBoard's step
+    losses are read together when the epoch is logged, after the epoch."""
+    twelve, twenty_four = (host_reads_of_one_epoch(tmp_path, monkeypatch, n, options) for n in (120, 240))
     assert twelve == twenty_four == ["aten._local_scalar_dense.default"] * 2
     assert "Batch_id=23 " in capsys.readouterr().err  # the bar shows the last step
 
