@@ -31,8 +31,9 @@ class FakeEvent:
 def test_on_the_cpu_the_numbers_show_at_once_without_a_host_read():
     readout = BarReadout(torch.device("cpu"))
     assert readout.text() is None
+    loss, correct = torch.tensor(1.5), torch.tensor(2)
     with HostReads() as reads:
-        readout.push(3, torch.tensor(1.5), torch.tensor(2), 4)
+        readout.push(3, loss, correct, 4)
         text = readout.text()
     assert text == "Loss=1.5000 Batch_id=3 Accuracy=50.00" and reads.seen == []
 

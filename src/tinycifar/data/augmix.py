@@ -120,11 +120,12 @@ def warp(p: torch.Tensor, op: torch.Tensor, level: torch.Tensor, sign: torch.Ten
     """Rotate, shear or translate each image as its ``op`` says (the identity for the others), by
     the paper's magnitude at ``level`` with ``sign``, resampled bilinearly with a black fill."""
     # per unit of level: rotate int_parameter(level, 30) degrees, shear float_parameter(level, 0.3),
-    # translate int_parameter(level, size / 3) pixels
-    shift = p.shape[3] / 30
-    per_level = torch.tensor([0.0] * _FIRST_GEOMETRIC + [3.0, 0.03, 0.03, shift, shift], device=p.device)
-    magnitude = level * per_level[op.clamp(min=0)]
+    # translate int_parameter(level, size / 3) pixels (Python scalars: no tensor made from host data)
     shear = (op == OPS.index("shear_x")) | (op == OPS.index("shear_y"))
+    translate = (op == OPS.index("translate_x")) | (op == OPS.index("translate_y"))
+    per_level = torch.where(op == OPS.index("rotate"), 3.0,
+                            torch.where(shear, 0.03, torch.where(translate, p.shape[3] / 30, 0.0)))
+    magnitude = level * per_level
     magnitude = sign * torch.where(shear, magnitude, magnitude.floor())  # whole degrees and pixels
     theta = geometric_thetas(op, magnitude, p.shape[2], p.shape[3])
     grid = F.affine_grid(theta.to(p.dtype), list(p.shape), align_corners=False)
