@@ -77,7 +77,7 @@ LIMIT=$(allowance 240)
 if ((LIMIT < 30)); then
   echo "not run: the time budget is spent" >"$WORK/pytest.log"
 else
-  timeout "$LIMIT" "$PYTHON" -m pytest -q -rs -m cuda -p no:cacheprovider tests/test_cuda.py 2>&1 \
+  timeout "$LIMIT" "$PYTHON" -m pytest -q -rs -m cuda -p no:cacheprovider tests/test_cuda.py tests/test_cuda_device_use.py 2>&1 \
     | tee "$WORK/pytest.log" || true
 fi
 TESTS_LINE=$(tail -n 1 "$WORK/pytest.log")

@@ -78,6 +78,45 @@ def test_check_and_summary_on_objects_and_specs():
     assert tinycifar.summary(TinyNet())["params"] == sum(p.numel() for p in TinyNet().parameters())
 
 
+def test_fit_hands_the_module_back_as_it_came(fitted):
+    """The recipe trains in channels_last (and on a GPU when there is one); the caller's module comes
+    back in its own layout and mode, and check keeps its gradient cross-check."""
+    model, _, _ = fitted
+    assert model.conv.weight.is_contiguous() and model.training
+    assert "cross-checked by gradient" in tinycifar.check(model).format()
+    assert tinycifar.summary(model)["params"] == sum(p.numel() for p in model.parameters())
+
+
+def test_fit_restores_device_memory_format_and_mode_even_when_training_fails(monkeypatch):
+    """The meta device stands in for the caller's, the CPU for the GPU that training moves the module to."""
+    def train_elsewhere(cfg, model):
+        model.to_empty(device="cpu").to(memory_format=torch.channels_last).train()  # meta has no values to move
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(tinycifar.api, "train", train_elsewhere)
+    model = TinyNet().to("meta").eval()
+    with pytest.raises(RuntimeError, match="out of memory"):
+        tinycifar.fit(model, preset="fast", **SMALL)
+    assert model.conv.weight.device.type == "meta" and model.conv.weight.is_contiguous() and not model.training
+
+
+def test_summary_and_check_run_a_module_on_its_own_device():
+    """A module on meta (standing in for a GPU) fed the CPU's blank batches failed; now the batch goes
+    to it. The gradient probe needs values, which meta has not: there it is the one rule left out."""
+    on_cpu, on_meta = TinyNet(), TinyNet().to("meta")
+    assert tinycifar.summary(on_meta) == tinycifar.summary(on_cpu)
+    rules = [(r.name, r.passed, r.value) for r in tinycifar.check(on_cpu).results]
+    assert [(r.name, r.passed, r.value) for r in tinycifar.check(on_meta).results] == rules
+
+
+def test_plots_leave_a_module_they_are_given_unchanged(fitted):
+    model, _, run = fitted
+    given = TinyNet().train()
+    before = {k: v.clone() for k, v in given.state_dict().items()}
+    tinycifar.plot_mistakes(run, model=given)
+    assert given.training and all(torch.equal(v, before[k]) for k, v in given.state_dict().items())
+
+
 def test_progress_bars_are_tqdm_auto_so_they_render_in_jupyter():
     import tqdm.auto
 

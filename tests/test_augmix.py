@@ -7,10 +7,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from host_reads import HostReads
 from PIL import Image, ImageOps
 from tiny_run import train_tiny_run
 
 from tinycifar.config import ConfigError, resolve_config
+from tinycifar.data import augmix as augmix_module
 from tinycifar.data import synthetic_cifar10
 from tinycifar.data.augment import AugmentConfig
 from tinycifar.data.augmix import (
@@ -145,6 +147,18 @@ def test_a_chain_step_applies_each_images_own_operation():
     assert torch.equal(out[2], solarize(p[2:3], torch.tensor([256 - 51]))[0])  # 256 - int(25.6 * 2)
     shifted = (out[3, :, :, 4:-4] - p[3, :, :, 6:-2]).abs().max(), (out[3, :, :, 4:-4] - p[3, :, :, 2:-6]).abs().max()
     assert min(shifted) < 1e-3  # moved by int(2 * 32 / 30) = 2 pixels, one way or the other
+
+
+def test_the_gpu_way_of_picking_images_is_the_cpu_ways_result_without_host_reads(monkeypatch):
+    """On a GPU every operation runs on the whole batch (no per-step read of who drew what); run that
+    way on the CPU, it gives the indexed way's views bit for bit and reads nothing back."""
+    x = normalized()
+    indexed = augmix_views(x, "jsd", MEAN, STD, torch.Generator().manual_seed(5))
+    monkeypatch.setattr(augmix_module, "PICK_BY_INDEX_ON", ())
+    with HostReads() as reads:
+        whole_batch = augmix_views(x, "jsd", MEAN, STD, torch.Generator().manual_seed(5))
+    assert torch.equal(whole_batch, indexed)
+    assert reads.seen == []
 
 
 @pytest.mark.parametrize("mode, factor", [("off", 1), ("mix", 1), ("jsd", 3)])

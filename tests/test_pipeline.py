@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 A = pytest.importorskip("albumentations")
 
@@ -100,6 +101,43 @@ def test_pipeline_loader_is_reproducible_and_changes_with_the_epoch(split):
     in_workers = batches(split, pipeline, 2, 0)
     assert all(torch.equal(a, b) for a, b in zip(in_workers, batches(split, pipeline, 2, 0), strict=True))
     assert first[0].shape == (16, 3, 32, 32) and first[0].dtype == torch.float32
+
+
+class DeviceCopies(TorchDispatchMode):
+    """The leading sizes of the tensors copied to another device."""
+
+    def __init__(self):
+        super().__init__()
+        self.sizes: list[int] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        source = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        if isinstance(out, torch.Tensor) and source is not None and out.device != source.device:
+            self.sizes.append(len(source) if source.dim() else 1)
+        return out
+
+
+def test_pipeline_loader_moves_only_batches_to_its_device(split):
+    """The workers read the split on the CPU: neither the split nor the epoch's permutation goes to the
+    device (the meta device stands in for a GPU), only each batch."""
+    mean, std = channel_stats(split.images)
+    pipeline = policy_pipeline(AugmentConfig(policy="seed"), (125.0, 123.0, 114.0))
+    with DeviceCopies() as copies:
+        loader = PipelineLoader(split, 16, mean, std, pipeline, workers=0, seed=3, device="meta")
+        out = [(x.device.type, y.device.type) for x, y in loader]
+    assert out == [("meta", "meta")] * 4
+    assert loader.images is split.images and loader.labels is split.labels
+    assert len(split) not in copies.sizes and copies.sizes.count(16) == 8  # images and labels of 4 batches
+
+
+def test_pipeline_batches_are_pinned_only_for_a_gpu(split):
+    mean, std = channel_stats(split.images)
+    pipeline = policy_pipeline(AugmentConfig(policy="seed"), (125.0, 123.0, 114.0))
+    loader = PipelineLoader(split, 16, mean, std, pipeline, workers=0, device="meta")
+    assert loader.batches().pin_memory is False
+    loader.device = torch.device("cuda")  # what a run on a GPU sets; no batch is read here
+    assert loader.batches().pin_memory is True
 
 
 def test_loaded_pipeline_is_checked_transform_by_transform(tmp_path, split):

@@ -17,7 +17,8 @@ from tinycifar.cli import main
 from tinycifar.config import resolve_config
 from tinycifar.models import MODEL_REGISTRY, create_model
 from tinycifar.reports.report import find_gradcam_layer, grad_cam, upsample_cam, write_report
-from tinycifar.serving.inference import run_split
+from tinycifar.reports.report import test_probabilities as probabilities  # not a test: pytest must not collect it
+from tinycifar.serving.inference import NormalizedNet, run_split
 from tinycifar.training.train import load_data
 
 FIGURES = ("curves.png", "misclassified.png", "confusion_matrix.png", "reliability.png", "per_class_accuracy.png",
@@ -119,6 +120,34 @@ def test_gradcam_map_shape_finite_nonnegative(model_name):
     assert torch.isfinite(cam).all() and (cam >= 0).all()
     up = upsample_cam(cam)
     assert up.shape == (4, 32, 32) and up.min() >= 0 and up.max() <= 1 + 1e-6
+
+
+def test_gradcam_runs_on_the_networks_device_with_batches_from_the_cpu():
+    """The meta device stands in for a GPU: the CPU batch and targets go to the network."""
+    net = create_model("era9").eval().to("meta")
+    name, shape = find_gradcam_layer(net)
+    cam = grad_cam(net, net.get_submodule(name), torch.randn(2, 3, 32, 32), torch.tensor([1, 4]))
+    assert cam.device.type == "meta" and cam.shape == (2, *shape[1:])
+
+
+class DeviceSpy(nn.Module):
+    """A network that lives on ``meta`` and records the device of what it is fed; answers on the CPU."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(1, device="meta"))
+        self.fed: set[str] = set()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.fed.add(x.device.type)
+        return torch.zeros(len(x), 10)
+
+
+def test_test_probabilities_feed_the_networks_device_and_return_on_the_cpu():
+    spy = DeviceSpy()
+    model = NormalizedNet(spy, [0.5] * 3, [0.25] * 3)  # its mean and std follow the network to meta
+    probs = probabilities(model, torch.zeros(7, 3, 32, 32, dtype=torch.uint8), batch=4, tta="flip")
+    assert spy.fed == {"meta"} and probs.device.type == "cpu" and probs.shape == (7, 10)
 
 
 def test_gradcam_is_not_fooled_by_an_in_place_relu():

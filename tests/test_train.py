@@ -18,12 +18,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from host_reads import HostReads
 from torch import nn
 
 from tinycifar.checkpoint import load_checkpoint, model_from_checkpoint
 from tinycifar.cli import main
 from tinycifar.config import TrainConfig, resolve_config
 from tinycifar.data import DatasetError, synthetic_cifar10
+from tinycifar.data import augmix as augmix_module
 from tinycifar.data.loader import DeviceLoader
 from tinycifar.evaluate import evaluate
 from tinycifar.models import ClassifierHead, Net, create_model
@@ -32,7 +34,6 @@ from tinycifar.training.train import (
     METRIC_FIELDS,
     TrainingError,
     build_optimizer,
-    ema_with_warmup,
     lr_factor,
     param_groups,
     train,
@@ -353,18 +354,34 @@ class Stop(Exception):
     pass
 
 
-def test_ema_decay_ramps_up_from_the_first_updates():
-    """A fresh average follows the model (decay 1/10, 2/11, ...) and settles at the set decay."""
-    update = ema_with_warmup(0.99)
-    ema, new = [torch.zeros(3)], [torch.ones(3)]
-    update(ema, new, torch.tensor(0))  # decay 1/10: moves 90% of the way
-    assert torch.allclose(ema[0], torch.full((3,), 0.9))
-    ema = [torch.zeros(3)]
-    update(ema, new, torch.tensor(10_000))  # ramp above 0.99: the set decay holds
-    assert torch.allclose(ema[0], torch.full((3,), 0.01))
-    counters = [torch.tensor([3])]
-    update(counters, [torch.tensor([7])], torch.tensor(5))
-    assert counters[0].item() == 7
+def host_reads_of_one_epoch(tmp_path: Path, monkeypatch, images: int, options: dict) -> list[str]:
+    """The host reads of a whole training epoch (not quiet: the bar updates every 10 steps), with EMA,
+    gradient clipping and ``options`` (AugMix run as on a GPU)."""
+    monkeypatch.setattr(augmix_module, "PICK_BY_INDEX_ON", ())
+    real, seen = train_mod.train_one_epoch, []
+
+    def counted(run, epoch: int):
+        with HostReads() as reads:
+            stats = real(run, epoch)
+        seen.append(reads.seen)
+        return stats
+
+    monkeypatch.setattr(train_mod, "train_one_epoch", counted)
+    train(quick_cfg(tmp_path / str(images), epochs=1, synthetic_size=images, batch_size=10, ema_decay=0.9,
+                    grad_clip=1.0, quiet=False, **options))
+    return seen[0]
+
+
+@pytest.mark.parametrize("options", [{"aug": {"policy": "fast", "augmix": "mix"}},
+                                     {"aug": {"policy": "seed", "mix": "cutmix", "mix_p": 1.0}},
+                                     {"tensorboard": True}])
+def test_training_steps_read_nothing_back_from_the_device(tmp_path, monkeypatch, capsys, options):
+    """No step waits for the device: 12 steps and 24 make the same host syncs, all at the epoch's end
+    (its image count joins the device totals, then train loss and accuracy are read to be printed
+    and logged). TensorBoard's step losses are read together when the epoch is logged, after it."""
+    twelve, twenty_four = (host_reads_of_one_epoch(tmp_path, monkeypatch, n, options) for n in (120, 240))
+    assert twelve == twenty_four == ["aten.lift_fresh.default"] + ["aten._local_scalar_dense.default"] * 2
+    assert "Batch_id=23 " in capsys.readouterr().err  # the bar shows the last step
 
 
 def test_ema_run_resumes_exactly(tmp_path, monkeypatch):

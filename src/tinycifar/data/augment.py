@@ -57,7 +57,8 @@ def affine_warp(x: torch.Tensor, angle: torch.Tensor, zoom: torch.Tensor, dx: to
     if border == "reflect101":  # cv2.BORDER_REFLECT_101: mirror about the edge pixels, not the edges
         pad = min(16, h - 1, w - 1)
         x = F.pad(x, (pad,) * 4, mode="reflect")
-        theta = theta * torch.tensor([[w / (w + 2 * pad)], [h / (h + 2 * pad)]], device=x.device)
+        # Python scalars, not a tensor made from host data (on a GPU that copy waits for the queue)
+        theta = torch.cat([theta[:, :1] * (w / (w + 2 * pad)), theta[:, 1:] * (h / (h + 2 * pad))], 1)
     grid = F.affine_grid(theta.to(x.dtype), [n, x.shape[1], h, w], align_corners=False)
     mode = {"reflection": "reflection", "reflect101": "border", "border": "border", "zeros": "zeros"}[border]
     return F.grid_sample(x, grid, mode="bilinear", padding_mode=mode, align_corners=False)

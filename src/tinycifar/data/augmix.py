@@ -15,7 +15,10 @@ sign and fill with black, as PIL's do.
 
 Batched: the ``width`` chains of every image are stacked into one batch, so a chain step is one
 pass of each operation over the images that drew it (the geometric ones share one ``grid_sample``),
-not per-image Python. Differences from the PIL reference: pixel values stay floats between
+not per-image Python; on a GPU, one pass over the whole batch, each image keeping its own
+operation's result, so that no step reads anything back to the host.
+
+Differences from the PIL reference: pixel values stay floats between
 operations (PIL rounds to uint8 after each), shear is about the top-left corner in continuous
 coordinates, and rotation and shear resample bilinearly like PIL's BILINEAR.
 
@@ -76,53 +79,75 @@ def solarize(p: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
 
 def geometric_thetas(op: torch.Tensor, magnitude: torch.Tensor, h: int, w: int) -> torch.Tensor:
     """``affine_grid`` matrices (output -> input, normalized coordinates) for rotate, shear and
-    translate, from each image's operation index and signed magnitude (degrees, shear factor, pixels)."""
-    n = len(op)
-    theta = torch.eye(2, 3, device=op.device).repeat(n, 1, 1)
+    translate, from each image's operation index and signed magnitude (degrees, shear factor, pixels);
+    the identity for any other operation. Selected with ``torch.where``, not boolean indexing, which
+    would read the masks back to the host."""
     angle = torch.deg2rad(magnitude)
+    cos, sin = torch.cos(angle), torch.sin(angle)
     rot = op == OPS.index("rotate")
-    theta[rot, 0, 0] = theta[rot, 1, 1] = torch.cos(angle[rot])
-    theta[rot, 0, 1] = -torch.sin(angle[rot]) * h / w
-    theta[rot, 1, 0] = torch.sin(angle[rot]) * w / h
     sx, sy = op == OPS.index("shear_x"), op == OPS.index("shear_y")  # x_in = x + s * y, from the top-left
-    theta[sx, 0, 1] = theta[sx, 0, 2] = magnitude[sx] * h / w
-    theta[sy, 1, 0] = theta[sy, 1, 2] = magnitude[sy] * w / h
     tx, ty = op == OPS.index("translate_x"), op == OPS.index("translate_y")
-    theta[tx, 0, 2] = 2 * magnitude[tx] / w
-    theta[ty, 1, 2] = 2 * magnitude[ty] / h
-    return theta
+    zero = torch.zeros_like(magnitude)
+    shear_x, shear_y = torch.where(sx, magnitude * h / w, zero), torch.where(sy, magnitude * w / h, zero)
+    rows = [
+        torch.where(rot, cos, 1.0), torch.where(rot, -sin * h / w, shear_x),
+        torch.where(tx, 2 * magnitude / w, shear_x),
+        torch.where(rot, sin * w / h, shear_y), torch.where(rot, cos, 1.0),
+        torch.where(ty, 2 * magnitude / h, shear_y),
+    ]
+    return torch.stack(rows, 1).view(-1, 2, 3)
+
+
+# Device types where a chain step picks the images that drew each operation by index: cheapest, and on
+# the CPU reading the picks back costs nothing. Elsewhere (a GPU) that read would stall the queue at every
+# step, so every operation runs on the whole batch and each image keeps its own's result (fixed shapes).
+PICK_BY_INDEX_ON = ("cpu",)
+
+
+def pixel_operation(k: int, p: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
+    """The ``k``-th of the non-geometric operations on every image, at each image's ``level``."""
+    name = OPS[k]
+    if name == "autocontrast":
+        return autocontrast(p)
+    if name == "equalize":
+        return equalize(p)
+    if name == "posterize":
+        return posterize(p, 4 - (level * 0.4).long())
+    return solarize(p, 256 - (level * 25.6).long())
+
+
+def warp(p: torch.Tensor, op: torch.Tensor, level: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
+    """Rotate, shear or translate each image as its ``op`` says (the identity for the others), by
+    the paper's magnitude at ``level`` with ``sign``, resampled bilinearly with a black fill."""
+    # per unit of level: rotate int_parameter(level, 30) degrees, shear float_parameter(level, 0.3),
+    # translate int_parameter(level, size / 3) pixels (Python scalars: no tensor made from host data)
+    shear = (op == OPS.index("shear_x")) | (op == OPS.index("shear_y"))
+    translate = (op == OPS.index("translate_x")) | (op == OPS.index("translate_y"))
+    per_level = torch.where(op == OPS.index("rotate"), 3.0,
+                            torch.where(shear, 0.03, torch.where(translate, p.shape[3] / 30, 0.0)))
+    magnitude = level * per_level
+    magnitude = sign * torch.where(shear, magnitude, magnitude.floor())  # whole degrees and pixels
+    theta = geometric_thetas(op, magnitude, p.shape[2], p.shape[3])
+    grid = F.affine_grid(theta.to(p.dtype), list(p.shape), align_corners=False)
+    return F.grid_sample(p, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
 def chain_step(p: torch.Tensor, op: torch.Tensor, level: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    """Apply to each image (0..255 floats) the operation ``op`` (n,) names at ``level`` (n,), in
-    place; op -1 leaves an image as it is (its chain is shorter). Each image is read and written by
-    one operation only, so no copy of the batch is needed."""
-    for k, name in enumerate(OPS[:_FIRST_GEOMETRIC]):
-        idx = (op == k).nonzero().squeeze(1)
-        if len(idx) == 0:
-            continue
-        if name == "autocontrast":
-            p[idx] = autocontrast(p[idx])
-        elif name == "equalize":
-            p[idx] = equalize(p[idx])
-        elif name == "posterize":
-            p[idx] = posterize(p[idx], 4 - (level[idx] * 0.4).long())
+    """Apply to each image (0..255 floats) the operation ``op`` (n,) names at ``level`` (n,); op -1
+    leaves an image as it is (its chain is shorter). Both ways of picking the images (see
+    ``PICK_BY_INDEX_ON``) give the same result; the indexed one writes into ``p``."""
+    sign = torch.randint(0, 2, (len(op),), generator=g, device=p.device) * 2 - 1
+    groups = [(op == k, lambda x, _o, lv, _s, k=k: pixel_operation(k, x, lv)) for k in range(_FIRST_GEOMETRIC)]
+    groups.append((op >= _FIRST_GEOMETRIC, warp))
+    by_index, out = p.device.type in PICK_BY_INDEX_ON, p
+    for drew, operation in groups:
+        if by_index:
+            idx = drew.nonzero().squeeze(1)
+            if len(idx):
+                out[idx] = operation(p[idx], op[idx], level[idx], sign[idx])
         else:
-            p[idx] = solarize(p[idx], 256 - (level[idx] * 25.6).long())
-    idx = (op >= _FIRST_GEOMETRIC).nonzero().squeeze(1)
-    if len(idx):
-        sign = torch.randint(0, 2, (len(idx),), generator=g, device=p.device) * 2 - 1
-        # the paper's magnitudes per unit of level: rotate int_parameter(level, 30) degrees, shear
-        # float_parameter(level, 0.3), translate int_parameter(level, size / 3) pixels
-        shift = p.shape[3] / 30
-        per_level = torch.tensor([0.0] * _FIRST_GEOMETRIC + [3.0, 0.03, 0.03, shift, shift], device=p.device)
-        magnitude = level[idx] * per_level[op[idx]]
-        shear = (op[idx] == OPS.index("shear_x")) | (op[idx] == OPS.index("shear_y"))
-        magnitude = sign * torch.where(shear, magnitude, magnitude.floor())  # whole degrees and pixels
-        theta = geometric_thetas(op[idx], magnitude, p.shape[2], p.shape[3])
-        grid = F.affine_grid(theta.to(p.dtype), [len(idx), *p.shape[1:]], align_corners=False)
-        p[idx] = F.grid_sample(p[idx], grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    return p
+            out = torch.where(drew.view(-1, 1, 1, 1), operation(p, op, level, sign), out)
+    return out
 
 
 def augmix(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, g: torch.Generator, severity: int = 3,
@@ -136,7 +161,7 @@ def augmix(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, g: torch.Gene
     m = len(chains)
     lengths = (torch.randint(1, 4, (m,), generator=g, device=x.device) if depth <= 0
                else torch.full((m,), depth, device=x.device))
-    for step in range(int(lengths.max())):
+    for step in range(depth if depth > 0 else 3):  # the longest a chain can be: no host read of lengths
         op = torch.randint(0, len(OPS), (m,), generator=g, device=x.device)
         op = torch.where(lengths > step, op, -1)
         level = torch.rand(m, generator=g, device=x.device) * (severity - 0.1) + 0.1

@@ -62,8 +62,7 @@ class DeviceLoader:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world size {world_size}")
         self.device = torch.device(device)
-        self.images = split.images.to(self.device)
-        self.labels = split.labels.to(self.device)
+        self.images, self.labels = self.place(split)
         self.num_classes = len(split.classes)
         self.batch_size, self.train, self.aug, self.seed = batch_size, train, aug, seed
         self.channels_last, self.drop_last = channels_last, drop_last
@@ -77,11 +76,19 @@ class DeviceLoader:
             gen = torch.Generator().manual_seed(seed)
             self.flip_bits = torch.randint(0, 2, (len(self.labels),), generator=gen).bool().to(self.device)
 
+    def place(self, split: Split) -> tuple[torch.Tensor, torch.Tensor]:
+        """The images and labels batches are gathered from: on the device, where every step reads them."""
+        return split.images.to(self.device), split.labels.to(self.device)
+
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def indices(self) -> torch.Tensor:
-        """This rank's sample order for the current epoch."""
+        """This rank's sample order for the current epoch, on the device (where the gathers run)."""
+        return self.order().to(self.device)
+
+    def order(self) -> torch.Tensor:
+        """This rank's sample order for the current epoch, on the CPU (where it is drawn)."""
         n = len(self.labels)
         if self.train:
             order = torch.randperm(n, generator=epoch_generator(self.seed, self.epoch, torch.device("cpu")))
@@ -91,10 +98,10 @@ class DeviceLoader:
             if self.train:
                 order = order[: n - n % self.world_size]
             order = order[self.rank :: self.world_size]
-        return order.to(self.device)
+        return order
 
     def __len__(self) -> int:
-        n = len(self.indices()) if self.world_size > 1 else len(self.labels)
+        n = len(self.order()) if self.world_size > 1 else len(self.labels)
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:

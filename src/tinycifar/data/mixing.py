@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 MODES = ("off", "mixup", "cutmix")
 
@@ -36,7 +35,8 @@ def mix_batch(x: torch.Tensor, labels: torch.Tensor, num_classes: int, mode: str
     """
     if mode not in MODES:
         raise ValueError(f"unknown batch mixing {mode!r}; choose from {', '.join(MODES)}")
-    targets = F.one_hot(labels, num_classes).float()
+    # one_hot checks the labels' range by reading them back (.item()) on the CPU; scatter does not
+    targets = torch.zeros(len(labels), num_classes, device=labels.device).scatter_(1, labels[:, None], 1.0)
     if mode == "off" or rng.random() >= p:
         return x, targets
     partner = torch.randperm(len(labels), generator=g, device=x.device)

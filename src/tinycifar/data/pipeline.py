@@ -162,18 +162,27 @@ class PipelineLoader(DeviceLoader):
         self.dataset = PipelineDataset(split, pipeline)
         self.workers = workers
 
+    def place(self, split: Split) -> tuple[torch.Tensor, torch.Tensor]:
+        """The split stays on the CPU, where the workers read it; only the batches go to the device."""
+        return split.images, split.labels
+
     def _seed_pipeline(self, worker: int) -> None:
         info = torch.utils.data.get_worker_info()
         dataset = info.dataset if info is not None else self.dataset
         dataset.pipeline.set_random_seed((self.seed * 1_000_003 + self.epoch * 101 + worker) % 2**32)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        order = self.indices().cpu()
+    def batches(self) -> torch.utils.data.DataLoader:
+        """The epoch's uint8 batches from the workers, in pinned memory when they go to a GPU (so the
+        copies run asynchronously)."""
+        order = self.order()
         stop = len(order) - len(order) % self.batch_size if self.drop_last else len(order)
         if self.workers == 0:
             self._seed_pipeline(0)
-        loader = torch.utils.data.DataLoader(
+        return torch.utils.data.DataLoader(
             self.dataset, batch_size=self.batch_size, sampler=order[:stop].tolist(), num_workers=self.workers,
-            worker_init_fn=self._seed_pipeline if self.workers else None)
-        for images, labels in loader:
-            yield self.finish(self.normalize(images.to(self.device, non_blocking=True))), labels.to(self.device)
+            worker_init_fn=self._seed_pipeline if self.workers else None, pin_memory=self.device.type == "cuda")
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for images, labels in self.batches():
+            images, labels = images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+            yield self.finish(self.normalize(images)), labels

@@ -29,6 +29,8 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from ..devices import module_device
+
 IMAGE = -1  # the ``last`` of the input image
 
 POOL_KINDS = ("max_pool", "avg_pool", "global_avg_pool", "global_max_pool", "global_sum_pool")
@@ -237,8 +239,7 @@ def trace(model: nn.Module, input_size: int = 32, batch: int = 2) -> Trace:
     was_training = model.training
     model.eval()
     try:
-        device = next((p.device for p in model.parameters()), torch.device("cpu"))
-        x = torch.zeros(batch, 3, input_size, input_size, device=device)
+        x = torch.zeros(batch, 3, input_size, input_size, device=module_device(model))
         with torch.no_grad(), tracer:
             tracer.mark(x, _Info(1, 1, IMAGE))
             out = model(x)
@@ -295,7 +296,11 @@ def empirical_receptive_field(model: nn.Module, size: int = 192) -> int | None:
     network cannot run at ``size`` x ``size`` before its deepest map (e.g. a flatten into a
     fixed-size linear layer fails after it, which is fine).
     """
-    probe = copy.deepcopy(model).double().eval()
+    if module_device(model).type == "meta":  # a network without values has no gradient to follow
+        return None
+    # a copy on the CPU, whatever the network's device: float64 everywhere (MPS has none), and the
+    # probe's input is made here too
+    probe = copy.deepcopy(model).to(device="cpu", dtype=torch.float64).eval()
     _positive_weights(probe)
     x = torch.ones(1, 3, size, size, dtype=torch.float64, requires_grad=True)
     spy = _DeepestMap()

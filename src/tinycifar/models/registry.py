@@ -39,6 +39,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..devices import module_device
+
 ENTRY_POINT_GROUP = "tinycifar.models"
 DEFAULT_FACTORY = "Net"  # the course's convention: class Net(nn.Module) in the student's file
 MODEL_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
@@ -242,9 +244,8 @@ def check_output(model: nn.Module, where: str, num_classes: int = 10, input_size
     was_training = model.training
     model.eval()
     try:
-        device = next((p.device for p in model.parameters()), torch.device("cpu"))
         with torch.no_grad():
-            out = model(torch.zeros(2, 3, input_size, input_size, device=device))
+            out = model(torch.zeros(2, 3, input_size, input_size, device=module_device(model)))
     except Exception as e:  # noqa: BLE001 - user code can fail in any way
         first = (str(e).strip().splitlines() or [""])[0]
         raise ModelError(f"{where}: forward on a {shape} batch raised {type(e).__name__}: {first}") from None

@@ -211,7 +211,12 @@ def check_model(model: nn.Module, rules: Rules | None = None, name: str | None =
 
 def check(model: nn.Module | str, rules: str | Path | Rules | None = None,
           model_kwargs: dict[str, Any] | None = None) -> CheckReport:
-    """Check a network (an ``nn.Module`` or a spec) against rules (a file, a Rules, or the assignment's)."""
+    """Check a network (an ``nn.Module`` or a spec) against rules (a file, a Rules, or the assignment's).
+
+    A module is only read, on whatever device it lives: the rules are measured on one forward pass of
+    a blank batch on its device in eval mode (its mode is restored), and the receptive field is
+    cross-checked by gradient on a float64 copy on the CPU.
+    """
     rules = rules if isinstance(rules, Rules) else load_rules(rules)
     if isinstance(model, nn.Module):
         return check_model(model, rules)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..devices import module_device
 from .graph import SPATIAL_KINDS, empirical_receptive_field, trace
 
 __all__ = ["RFStep", "LayerRow", "empirical_receptive_field", "format_summary", "layer_table", "model_summary",
@@ -75,7 +76,7 @@ def layer_table(model: nn.Module, input_size: int = 32, walk: list[RFStep] | Non
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        model(torch.zeros(1, 3, input_size, input_size))
+        model(torch.zeros(1, 3, input_size, input_size, device=module_device(model)))
     model.train(was_training)
     for h in hooks:
         h.remove()

@@ -42,6 +42,7 @@ from ..data import CLASSES, Split, classes_of
 from ..data.augment import AugmentConfig, augment
 from ..data.augmix import augmix
 from ..data.pipeline import to_hwc
+from ..devices import module_device
 from ..evaluate import (
     CALIBRATION_BINS,
     calibration_bins,
@@ -77,8 +78,7 @@ def _finished_maps(net: nn.Module, input_size: int = 32) -> list[tuple[str, nn.M
     net.eval()
     try:
         with torch.no_grad():
-            device = next((p.device for p in net.parameters()), torch.device("cpu"))
-            net(torch.zeros(1, 3, input_size, input_size, device=device))
+            net(torch.zeros(1, 3, input_size, input_size, device=module_device(net)))
     finally:
         net.train(was_training)
         for h in hooks:
@@ -119,9 +119,12 @@ def grad_cam(model: nn.Module, layer: nn.Module, x: torch.Tensor, target: torch.
 
     ``model`` maps ``x`` to logits and runs ``layer`` on the way; ``target`` is the class
     per image (default: the predicted one). Channel weights are the spatially averaged
-    gradients of the class score; the map is ReLU(sum of weighted activations).
+    gradients of the class score; the map is ReLU(sum of weighted activations). ``x`` and
+    ``target`` go to the model's device, where the maps stay (``upsample_cam`` brings them back).
     """
     acts: list[torch.Tensor] = []
+    device = module_device(model)
+    x, target = x.to(device), None if target is None else target.to(device)
 
     def keep(_m, _inputs, out):
         acts.append(out)
@@ -141,10 +144,10 @@ def grad_cam(model: nn.Module, layer: nn.Module, x: torch.Tensor, target: torch.
 
 
 def upsample_cam(cam: torch.Tensor, size: int = 32) -> torch.Tensor:
-    """Bilinear to the image size, each map scaled to 0..1 (all-zero maps stay zero)."""
+    """Bilinear to the image size, each map scaled to 0..1 (all-zero maps stay zero), on the CPU."""
     up = F.interpolate(cam[:, None], size=(size, size), mode="bilinear", align_corners=False)[:, 0]
     peak = up.flatten(1).max(1).values.clamp(min=1e-12).view(-1, 1, 1)
-    return up / peak
+    return (up / peak).cpu()
 
 
 # ---------------------------------------------------------------------------- run folder
@@ -184,9 +187,12 @@ def pick_checkpoint(run_dir: Path) -> Path:
 
 @torch.no_grad()
 def test_probabilities(model: nn.Module, images: torch.Tensor, batch: int = 500, tta: str = "none") -> torch.Tensor:
-    """Softmax over the test images; with ``tta``, of the logits averaged over the views (as ``evaluate``)."""
+    """Softmax over the test images; with ``tta``, of the logits averaged over the views (as ``evaluate``).
+    Each batch runs on the model's device; the probabilities come back on the CPU."""
+    device = module_device(model)
+
     def probs(x: torch.Tensor) -> torch.Tensor:
-        return torch.stack([model(v) for v in tta_views(x, tta)]).mean(0).softmax(1)
+        return torch.stack([model(v) for v in tta_views(x.to(device), tta)]).mean(0).softmax(1).cpu()
 
     return torch.cat([probs(to_unit_float(images[i : i + batch])) for i in range(0, len(images), batch)])
 

@@ -16,16 +16,19 @@ from torch import nn
 
 from ..checkpoint import load_checkpoint, model_from_checkpoint
 from ..data import Split, load_split, synthetic_cifar10
+from ..devices import module_device
 
 
 class NormalizedNet(nn.Module):
-    """``model((x - mean) / std)`` for x in 0..1; mean and std are buffers, so they export with it."""
+    """``model((x - mean) / std)`` for x in 0..1; mean and std are buffers, so they export with it.
+    They are made on the network's device (a GPU after a GPU ``fit``), so the two never disagree."""
 
     def __init__(self, model: nn.Module, mean: list[float], std: list[float]):
         super().__init__()
         self.model = model
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+        device = module_device(model)
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model((x - self.mean) / self.std)

@@ -45,19 +45,31 @@ class TensorBoardLog:
 
         self.writer = writer_class()(log_dir=str(Path(run_dir) / "tensorboard"))
         self.classes = train_split.classes
+        self.steps: list[tuple[int, torch.Tensor, float]] = []  # (step, loss on the device, lr), not yet written
         self.writer.add_text("config", "```json\n" + json.dumps(cfg.to_dict(), indent=2) + "\n```")
         pick = torch.randperm(len(train_split), generator=torch.Generator().manual_seed(0))[:6]
         grid, _ = augmentation_figure(train_split.images[pick], train_split.labels[pick], cfg.to_dict(), mean, std,
                                       train_split.classes)
         self.writer.add_image("augmented samples", _pixels(grid), 0, dataformats="HWC")
 
-    def step(self, step: int, loss: float, lr: float) -> None:
-        self.writer.add_scalar("step/loss", loss, step)
-        self.writer.add_scalar("step/lr", lr, step)
+    def step(self, step: int, loss: torch.Tensor, lr: float) -> None:
+        """Keep the step's loss where it is (reading it now would wait for the device every step);
+        the losses are read together when the epoch is logged or the log closes."""
+        self.steps.append((step, loss.detach(), lr))
+
+    def write_steps(self) -> None:
+        if not self.steps:
+            return
+        losses = torch.stack([loss for _, loss, _ in self.steps]).float().cpu().tolist()  # one read for all
+        for (step, _, lr), loss in zip(self.steps, losses, strict=True):
+            self.writer.add_scalar("step/loss", loss, step)
+            self.writer.add_scalar("step/lr", lr, step)
+        self.steps = []
 
     def epoch(self, row: dict[str, Any], confusion: torch.Tensor) -> None:
         from ..reports.report import plot_confusion
 
+        self.write_steps()
         epoch = int(row["epoch"])
         for split in ("train", "test"):
             self.writer.add_scalar(f"{split}/loss", row[f"{split}_loss"], epoch)
@@ -67,4 +79,5 @@ class TensorBoardLog:
         self.writer.flush()
 
     def close(self) -> None:
+        self.write_steps()
         self.writer.close()

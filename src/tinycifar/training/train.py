@@ -29,7 +29,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm  # a widget in Jupyter, a text bar in a terminal
 
 from ..checkpoint import (
@@ -47,7 +46,9 @@ from ..data.loader import DeviceLoader, channel_stats
 from ..evaluate import EvalResult, autocast_context, evaluate, evaluate_views
 from ..models import ModelError, ModelSource, build_model, count_params, init_whitening
 from ..models.registry import check_output, short_name
+from .ema import WarmupEMA
 from .losses import build_criterion
+from .progress import BarReadout
 
 METRIC_FIELDS = [
     "epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "seconds", "train_seconds_total", "eval_seconds",
@@ -197,10 +198,11 @@ def prepare_model(model: nn.Module, cfg: TrainConfig, train_split: Split, mean: 
         if stem is None or stem.in_channels != 3:
             raise ConfigError(f"whiten_stem: {cfg.model} has no first convolution on the 3 image channels to "
                               "whiten; pass --set whiten_stem=false")
-        sample = train_split.images[:5000].float().div(255)
-        sample = (sample - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)
+        # normalized in place on the CPU; init_whitening moves it to the device chunk by chunk
+        sample = train_split.images[:5000].float().div_(255)
+        sample.sub_(torch.tensor(mean).view(1, -1, 1, 1)).div_(torch.tensor(std).view(1, -1, 1, 1))
         try:
-            init_whitening(stem, sample.to(stem.weight.device))
+            init_whitening(stem, sample)
         except ValueError as e:
             raise ConfigError(f"whiten_stem: the first convolution of {cfg.model} ({stem}) cannot hold the "
                               f"whitening filters: {e}; pass --set whiten_stem=false") from None
@@ -232,23 +234,6 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
         {"params": no_decay_bias, "weight_decay": wd_extra, "lr_scale": cfg.norm_bias_lr_scale},
     ]
     return [g for g in groups if g["params"]]
-
-
-def ema_with_warmup(decay: float):
-    """EMA update whose decay ramps as min(decay, (1 + n) / (10 + n)) over the n updates so far.
-
-    With a fixed decay, a short run's average keeps a large share of the random initial
-    weights (0.99 over 195 steps: 14%); the ramp lets it follow the early weights and reach
-    `decay` after a few hundred steps, where later evaluations no longer see a difference.
-    """
-    def update(ema_tensors: list[torch.Tensor], tensors: list[torch.Tensor], n_averaged: torch.Tensor) -> None:
-        # a tensor on the model's device: no host sync per step on GPUs
-        d = torch.clamp((1 + n_averaged) / (10 + n_averaged), max=decay)
-        if torch.is_floating_point(ema_tensors[0]):
-            torch._foreach_lerp_(ema_tensors, tensors, 1 - d)
-        else:  # counters such as num_batches_tracked: take the model's
-            torch._foreach_copy_(ema_tensors, tensors)
-    return update
 
 
 def gradient_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler:
@@ -450,7 +435,7 @@ class Run:
     run_dir: Path
     model: nn.Module  # the network being trained
     net: nn.Module  # what a step calls: the model, wrapped in DDP and/or torch.compile
-    ema: AveragedModel | None
+    ema: WarmupEMA | None
     source: ModelSource
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
@@ -594,8 +579,7 @@ def setup(cfg: TrainConfig, env: DistEnv, data: tuple[Split, Split] | None = Non
     # timestamped) and reads the resume checkpoint from it before rank 0 can overwrite it
     # (that happens only after the collectives of a whole epoch).
     run_dir = rank0_first(env, lambda: prepare_run_dir(cfg), share=True)
-    ema = (AveragedModel(model, multi_avg_fn=ema_with_warmup(cfg.ema_decay), use_buffers=True)
-           if cfg.ema_decay > 0 else None)
+    ema = WarmupEMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
     net = model
     if env.world_size > 1:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -674,6 +658,7 @@ def train_one_epoch(run: Run, epoch: int) -> EpochStats:
     if not run.quiet:
         print(f"EPOCH: {epoch + 1}")
     bar = tqdm(run.train_loader, total=steps, disable=run.quiet, dynamic_ncols=True, leave=True)
+    readout = BarReadout(device)
     if compiles:  # the queue drained, so the compiling step's time is its own
         wait_for_device(device)
     t0 = time.perf_counter()
@@ -692,13 +677,14 @@ def train_one_epoch(run: Run, epoch: int) -> EpochStats:
         if compiles and i == 0:
             compile_seconds, t0 = compiled_step_seconds(run, t0), time.perf_counter()
         if run.log is not None:
-            run.log.step(epoch * steps + i, loss.item(), lr)
+            run.log.step(epoch * steps + i, loss, lr)
         loss_sum += loss.detach() * len(y)
         # the labelled images, not AugMix's views; a mixed image counts for its larger share's class
         correct += (logits[: len(y)].argmax(1) == (y if y.ndim == 1 else y.argmax(1))).sum()
         seen += len(y)
         if not run.quiet and (i % 10 == 0 or i == steps - 1):
-            bar.set_description(f"Loss={loss.item():.4f} Batch_id={i} Accuracy={100.0 * correct.item() / seen:.2f}")
+            readout.push(i, loss, correct, seen)
+            show(bar, readout.text(wait=i == steps - 1))  # the newest that arrived; the last step's awaited
     wait_for_device(device)
     seconds = time.perf_counter() - t0
     bar.close()
@@ -728,6 +714,11 @@ def wait_for_device(device: torch.device) -> None:
     """Let the GPU finish what was queued, so that a clock read next measures it."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def show(bar: tqdm, text: str | None) -> None:
+    if text is not None:
+        bar.set_description(text)
 
 
 def evaluates_after(cfg: TrainConfig, epoch: int) -> bool:

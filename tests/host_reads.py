@@ -1,0 +1,30 @@
+"""Counting the operations that make the host wait for the device: on a GPU each one waits for the
+device's queue to drain (a host sync), so a training step must have none."""
+
+from __future__ import annotations
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+
+class HostReads(TorchDispatchMode):
+    """Records ``.item()``/``int()``/``bool()`` of tensors (``_local_scalar_dense``), ``nonzero``
+    (boolean indexing and ``nonzero()``: its output size is data-dependent), and ``torch.tensor(data)``
+    (``lift_fresh``: on a GPU, a blocking copy of host data that waits for the queue as a read does),
+    by operation name."""
+
+    READS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default,
+             torch.ops.aten.item.default, torch.ops.aten.lift_fresh.default}
+
+    def __init__(self):
+        super().__init__()
+        self.seen: list[str] = []
+
+    @property
+    def count(self) -> int:
+        return len(self.seen)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in self.READS:
+            self.seen.append(str(func))
+        return func(*args, **(kwargs or {}))
