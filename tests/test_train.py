@@ -22,7 +22,7 @@ from torch import nn
 
 from tinycifar.checkpoint import load_checkpoint, model_from_checkpoint
 from tinycifar.cli import main
-from tinycifar.config import PRESETS, TrainConfig, resolve_config
+from tinycifar.config import TrainConfig, resolve_config
 from tinycifar.data import DatasetError, synthetic_cifar10
 from tinycifar.data.loader import DeviceLoader
 from tinycifar.evaluate import evaluate
@@ -113,19 +113,6 @@ def test_run_folder_holds_everything_documented(basic_run):
     assert {k: v for k, v in config.items() if k != "resolved"} == cfg.to_dict()
     assert config["resolved"]["steps_per_epoch"] == 512 // 32
     assert config["resolved"]["world_size"] == 1
-
-
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_the_run_trains_and_records_the_recipe_of_its_resolved_precision(tmp_path, capsys, precision):
-    cfg = quick_cfg(tmp_path / "run", epochs=2, synthetic_size=128, precision=precision, quiet=False)
-    train(cfg)
-    recipe = resolve_config("fast").by_precision.get(precision, {})
-    config = json.loads((tmp_path / "run" / "config.json").read_text())
-    assert config["resolved"]["precision_recipe"] == recipe
-    assert config["low_res_fraction"] == recipe.get("low_res_fraction", PRESETS["fast"]["low_res_fraction"])
-    assert config["aug"]["alternate_flip"] is ("aug" in recipe)
-    said = f"{precision} recipe (by_precision): "
-    assert (said in capsys.readouterr().out) is bool(recipe)
 
 
 def test_checkpoints_hold_the_last_and_the_best_epoch(basic_run):
