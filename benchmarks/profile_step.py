@@ -7,10 +7,12 @@ Operators are grouped by what they are for: convolutions by kind (full, strided,
 depthwise, pointwise) and pass (forward, backward), batch norm, activations, optimizer,
 augmentation, the rest. The achieved rate counts 3 x 2 x the network's forward MACs per image
 (forward, and a backward that costs twice the forward) against two peaks: the theoretical one
-(cores in use x clock x FLOP per cycle: bf16, two 512-bit VDPBF16PS per cycle, 32 products each, 2 FLOP per
-product = 128; fp32, two FMA pipes x the vector's fp32 lanes (16 with AVX-512, 8 with AVX2, as
-ATen's kernels run, ATEN_CPU_CAPABILITY) x 2 FLOP per FMA = 64 or 32) and the one a large matrix
-product in the step's precision reaches here (what oneDNN can get).
+(cores in use x clock x FLOP per cycle: two FMA pipes x the lanes of the datapath x 2 FLOP per
+multiply-add; bf16's VDPBF16PS counts two products a lane) and the one a large matrix product in
+the step's precision reaches here (what oneDNN can get). The datapath is 512 bits where ATen's
+kernels run AVX-512 on full-width pipes (Zen 5, Intel Xeon): fp32 64, bf16 128 FLOP per cycle;
+256 bits with AVX2 (ATEN_CPU_CAPABILITY=avx2) or on AMD family 25 (Zen 4 splits each 512-bit
+operation in two): fp32 32, bf16 64.
 
     python benchmarks/profile_step.py --preset fast --out benchmarks/results/profile_fast
     ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 python benchmarks/profile_step.py --precision fp32 \
@@ -89,14 +91,18 @@ def label_modules(model: nn.Module) -> None:
         module.register_full_backward_hook(bwd_leave)
 
 
-FLOP_PER_CYCLE = {"bf16": 128, "fp32": {"AVX512": 64, "AVX2": 32}}  # per core; see the docstring
+def datapath_bits(cpuinfo: str) -> int:
+    """The width one FMA pipe computes per cycle: 256 bits under AVX2 or on AMD's family 25 (Zen 3
+    has no AVX-512, Zen 4 runs it on 256-bit halves), else 512 where ATen runs AVX-512."""
+    family = re.search(r"cpu family\s*:\s*(\d+)", cpuinfo)
+    zen4_or_older = "AuthenticAMD" in cpuinfo and family is not None and int(family[1]) <= 25
+    return 512 if torch.backends.cpu.get_cpu_capability() == "AVX512" and not zen4_or_older else 256
 
 
-def flop_per_cycle(precision: str) -> int:
-    """What one core can issue per cycle in ``precision`` with the vector width ATen's kernels use."""
-    if precision == "bf16":
-        return FLOP_PER_CYCLE["bf16"]
-    return FLOP_PER_CYCLE["fp32"].get(torch.backends.cpu.get_cpu_capability(), 32)
+def flop_per_cycle(precision: str, cpuinfo: str) -> int:
+    """Two FMA pipes x lanes x 2 FLOP per multiply-add; a bf16 dot-product lane does two products."""
+    lanes = datapath_bits(cpuinfo) // 32
+    return 2 * lanes * 2 * (2 if precision == "bf16" else 1)
 
 
 def matmul_peak(dtype: torch.dtype, seconds: float = 3.0, n: int = 2048) -> float:
@@ -178,9 +184,10 @@ def main() -> None:
     macs = model_summary(model)["macs"] * (args.resolution / 32) ** 2  # convolutions scale with the area
     flops_per_step = 6 * macs * cfg.batch_size
     achieved = flops_per_step / step_seconds
-    clock = args.clock_ghz or float(re.search(r"cpu MHz\s*:\s*([\d.]+)", Path("/proc/cpuinfo").read_text())[1]) / 1000
+    cpuinfo = Path("/proc/cpuinfo").read_text()
+    clock = args.clock_ghz or float(re.search(r"cpu MHz\s*:\s*([\d.]+)", cpuinfo)[1]) / 1000
     cores = min(torch.get_num_threads(), os.cpu_count() or 1)  # the cores the step runs on
-    per_cycle = flop_per_cycle(args.precision)
+    per_cycle = flop_per_cycle(args.precision, cpuinfo)
     theoretical = cores * clock * 1e9 * per_cycle
     measured_peak = matmul_peak(torch.bfloat16 if args.precision == "bf16" else torch.float32)
     layout = "contiguous" if args.contiguous else "channels_last"
