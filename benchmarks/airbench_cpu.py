@@ -9,7 +9,8 @@ TTA level 2) and data loader run unchanged; the adapter changes only what CUDA-o
 2. ``net.half().cuda()`` and the loader's ``.half()``: the network and images stay fp32 on the
    CPU and the network's forward runs under bf16 autocast, returning fp32 logits (the CPU has no
    fast fp16); this is how tinycifar itself trains here. The whitening stem's eigendecomposition
-   stays in fp32, as in airbench.
+   stays in fp32, as in airbench. ``--precision`` chooses as tinycifar's does: ``auto`` (the
+   default) is bf16 where the CPU has it natively and plain fp32 elsewhere (AVX2-only CPUs).
 3. ``CifarLoader(gpu=0)`` loads to the CPU; ``torch.cuda.Event`` / ``synchronize`` become
    wall-clock timers and no-ops.
 4. Each of airbench's own evaluations (per epoch, excluded from its timing; and the final TTA one)
@@ -31,6 +32,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from tinycifar.training.train import resolve_precision
 
 
 def torchvision_stub(data_root: str) -> types.ModuleType:
@@ -87,6 +90,8 @@ def main() -> None:
     ap.add_argument("--data", default=os.environ.get("CIFAR10_ROOT", "./data"))
     ap.add_argument("--log", required=True, help="JSON lines: one per evaluation, with its Unix time")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                    help="auto: bf16 where the CPU has it natively, else fp32 (tinycifar's rule)")
     ap.add_argument("--epochs", type=float, default=None, help="default: the recipe's own (9.9); less for a smoke test")
     args = ap.parse_args()
     if args.threads:
@@ -107,16 +112,19 @@ def main() -> None:
     utils.CifarLoader.__init__.__defaults__ = (*defaults[:-1], "cpu")  # gpu=0 -> the CPU
     log_evaluations(utils, Path(args.log).resolve())
 
-    def make_net_bf16():
+    precision = resolve_precision(args.precision, torch.device("cpu"))
+
+    def make_net():
         net = airbench.make_net94()
-        forward = net.forward
-        net.forward = lambda x: torch.autocast("cpu", dtype=torch.bfloat16)(forward)(x).float()
+        if precision == "bf16":
+            forward = net.forward
+            net.forward = lambda x: torch.autocast("cpu", dtype=torch.bfloat16)(forward)(x).float()
         return net
 
     with tempfile.TemporaryDirectory() as tmp:
         os.chdir(tmp)  # CifarLoader caches 'cifar10/train.pt' under the working folder
         Path("cifar10").mkdir()
-        airbench.train94(make_net=make_net_bf16, verbose=True, **({"epochs": args.epochs} if args.epochs else {}))
+        airbench.train94(make_net=make_net, verbose=True, **({"epochs": args.epochs} if args.epochs else {}))
 
 
 if __name__ == "__main__":

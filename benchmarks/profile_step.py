@@ -1,15 +1,22 @@
-"""Where a training step of a preset spends its time, and how close it runs to the CPU's bf16 peak.
+"""Where a training step of a preset spends its time, and how close it runs to the CPU's peak.
 
-One step as the preset trains it (its network with the whitening stem, batch, bf16 autocast,
-channels_last, its augmentation), profiled with ``torch.profiler`` over a few steps after warm-up.
+One step as the preset trains it (its network with the whitening stem, batch, bf16 autocast or
+fp32 with --precision fp32, channels_last or contiguous with --contiguous, its augmentation),
+profiled with ``torch.profiler`` over a few steps after warm-up.
 Operators are grouped by what they are for: convolutions by kind (full, strided, dilated,
 depthwise, pointwise) and pass (forward, backward), batch norm, activations, optimizer,
 augmentation, the rest. The achieved rate counts 3 x 2 x the network's forward MACs per image
 (forward, and a backward that costs twice the forward) against two peaks: the theoretical one
-(cores x clock x 128 bf16 FLOP per cycle: two 512-bit VDPBF16PS per cycle, 32 products each, 2
-FLOP per product) and the one a large bf16 matrix product reaches here (what oneDNN can get).
+(cores in use x clock x FLOP per cycle: two FMA pipes x the lanes of the datapath x 2 FLOP per
+multiply-add; bf16's VDPBF16PS counts two products a lane) and the one a large matrix product in
+the step's precision reaches here (what oneDNN can get). The datapath is 512 bits where ATen's
+kernels run AVX-512 on full-width pipes (Zen 5, Intel Xeon): fp32 64, bf16 128 FLOP per cycle;
+256 bits with AVX2 (ATEN_CPU_CAPABILITY=avx2) or on AMD family 25 (Zen 4 splits each 512-bit
+operation in two): fp32 32, bf16 64.
 
     python benchmarks/profile_step.py --preset fast --out benchmarks/results/profile_fast
+    ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 python benchmarks/profile_step.py --precision fp32 \
+        --out benchmarks/results/profile_fast_fp32_avx2
 """
 
 from __future__ import annotations
@@ -84,8 +91,22 @@ def label_modules(model: nn.Module) -> None:
         module.register_full_backward_hook(bwd_leave)
 
 
-def matmul_peak(seconds: float = 3.0, n: int = 2048) -> float:
-    a, b = torch.randn(n, n, dtype=torch.bfloat16), torch.randn(n, n, dtype=torch.bfloat16)
+def datapath_bits(cpuinfo: str) -> int:
+    """The width one FMA pipe computes per cycle: 256 bits under AVX2 or on AMD's family 25 (Zen 3
+    has no AVX-512, Zen 4 runs it on 256-bit halves), else 512 where ATen runs AVX-512."""
+    family = re.search(r"cpu family\s*:\s*(\d+)", cpuinfo)
+    zen4_or_older = "AuthenticAMD" in cpuinfo and family is not None and int(family[1]) <= 25
+    return 512 if torch.backends.cpu.get_cpu_capability() == "AVX512" and not zen4_or_older else 256
+
+
+def flop_per_cycle(precision: str, cpuinfo: str) -> int:
+    """Two FMA pipes x lanes x 2 FLOP per multiply-add; a bf16 dot-product lane does two products."""
+    lanes = datapath_bits(cpuinfo) // 32
+    return 2 * lanes * 2 * (2 if precision == "bf16" else 1)
+
+
+def matmul_peak(dtype: torch.dtype, seconds: float = 3.0, n: int = 2048) -> float:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     a @ b
     count, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
@@ -99,6 +120,8 @@ def main() -> None:
     ap.add_argument("--preset", default="fast")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--resolution", type=int, default=32)
+    ap.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
+    ap.add_argument("--contiguous", action="store_true", help="NCHW tensors instead of channels_last")
     ap.add_argument("--clock-ghz", type=float, default=None, help="default: /proc/cpuinfo's cpu MHz")
     ap.add_argument("--out", default="benchmarks/results/profile_fast")
     args = ap.parse_args()
@@ -108,7 +131,8 @@ def main() -> None:
     mean, std = [0.49, 0.48, 0.45], [0.25, 0.24, 0.26]
     model, _ = build_network(cfg)
     prepare_model(model, cfg, train, mean, std)
-    model = model.to(memory_format=torch.channels_last)
+    memory_format = torch.contiguous_format if args.contiguous else torch.channels_last
+    model = model.to(memory_format=memory_format)
     optimizer = build_optimizer(model, cfg)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     x_raw = (train.images[: cfg.batch_size].float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(
@@ -122,8 +146,8 @@ def main() -> None:
             x = augment(x_raw, cfg.aug, g)
             if args.resolution != 32:
                 x = nn.functional.interpolate(x, size=(args.resolution,) * 2, mode="bilinear", antialias=True)
-            x = x.contiguous(memory_format=torch.channels_last)
-        with autocast_context(device, "bf16"):
+            x = x.contiguous(memory_format=memory_format)
+        with autocast_context(device, args.precision):
             loss = criterion(model(x).float(), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -160,28 +184,36 @@ def main() -> None:
     macs = model_summary(model)["macs"] * (args.resolution / 32) ** 2  # convolutions scale with the area
     flops_per_step = 6 * macs * cfg.batch_size
     achieved = flops_per_step / step_seconds
-    clock = args.clock_ghz or float(re.search(r"cpu MHz\s*:\s*([\d.]+)", Path("/proc/cpuinfo").read_text())[1]) / 1000
-    cores = os.cpu_count() or 1
-    theoretical = cores * clock * 1e9 * 128
-    measured_peak = matmul_peak()
+    cpuinfo = Path("/proc/cpuinfo").read_text()
+    clock = args.clock_ghz or float(re.search(r"cpu MHz\s*:\s*([\d.]+)", cpuinfo)[1]) / 1000
+    cores = min(torch.get_num_threads(), os.cpu_count() or 1)  # the cores the step runs on
+    per_cycle = flop_per_cycle(args.precision, cpuinfo)
+    theoretical = cores * clock * 1e9 * per_cycle
+    measured_peak = matmul_peak(torch.bfloat16 if args.precision == "bf16" else torch.float32)
+    layout = "contiguous" if args.contiguous else "channels_last"
     report = {"command": command_line(), "machine": machine_info(), "preset": args.preset, "model": cfg.model,
               "batch": cfg.batch_size, "resolution": args.resolution, "step_seconds": step_seconds,
               "images_per_second": cfg.batch_size / step_seconds, "forward_macs_per_image": macs,
               "achieved_flops": achieved, "theoretical_peak_flops": theoretical, "clock_ghz": clock,
-              "matmul_peak_flops": measured_peak, "rows": rows}
+              "matmul_peak_flops": measured_peak, "precision": args.precision,
+              "memory_format": layout, "aten_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+              "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA", "native"),
+              "flop_per_cycle_per_core": per_cycle, "rows": rows}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     md = [f"# Profile of one `{args.preset}` training step ({cfg.model}, batch {cfg.batch_size}, "
-          f"{args.resolution}x{args.resolution}, bf16, channels_last)", "",
+          f"{args.resolution}x{args.resolution}, {args.precision}, {layout}; ATen {report['aten_cpu_capability']}, "
+          f"oneDNN ISA {report['onednn_max_cpu_isa']})", "",
           f"Command: `{report['command']}`", "",
           "Machine: " + ", ".join(f"{k}={v}" for k, v in report["machine"].items()), "",
           f"Step: {1000 * step_seconds:.1f} ms ({cfg.batch_size / step_seconds:,.0f} images/s, median-free mean of "
           f"{args.steps} steps, unprofiled). Forward: {macs / 1e6:.1f}M MACs per image.", "",
           f"Achieved: **{achieved / 1e9:,.0f} GFLOP/s** (6 x MACs x batch / step time) = "
-          f"**{100 * achieved / measured_peak:.0f}%** of what a 2048x2048 bf16 matrix product reaches here "
+          f"**{100 * achieved / measured_peak:.0f}%** of what a 2048x2048 {args.precision} matrix product reaches here "
           f"({measured_peak / 1e9:,.0f} GFLOP/s, oneDNN's practical peak) and {100 * achieved / theoretical:.0f}% of "
-          f"{cores} cores x {clock:.2f} GHz x 128 bf16 FLOP per cycle ({theoretical / 1e9:,.0f} GFLOP/s at the "
+          f"{cores} cores x {clock:.2f} GHz x {per_cycle} {args.precision} FLOP per cycle "
+          f"({theoretical / 1e9:,.0f} GFLOP/s at the "
           "clock /proc/cpuinfo reports; when the matrix product beats it, the cores run above that clock).", "",
           markdown_table(rows, ["part", "pass", "ms_per_step", "share_%"])]
     out.with_suffix(".md").write_text("\n".join(md) + "\n")

@@ -6,6 +6,9 @@ clocks. Reported: wall clock to the first evaluation at or above 85% and 90%, th
 whose evaluation ended within 60 s and within 10 minutes, the final accuracy with TTA, and the
 whole wall clock. airbench runs through ``airbench_cpu.py`` (see its docstring for every change).
 
+``--precision`` (default auto: bf16 where the CPU has it natively, else fp32) holds for both runs;
+``fp32`` with ``ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2`` approximates an AVX2-only CPU.
+
     python benchmarks/vs_airbench.py --out benchmarks/results/vs_airbench
 """
 
@@ -46,9 +49,9 @@ def ours(tmp: Path, seed: int, extra: list[str]) -> dict:
     return row("tinycifar (default preset)", evals, wall, summary.get("final_acc_tta"), summary["final_acc"])
 
 
-def airbench(tmp: Path, data: str | None) -> dict:
+def airbench(tmp: Path, data: str | None, precision: str) -> dict:
     log = tmp / "airbench.jsonl"
-    started, wall = timed([sys.executable, str(HERE / "airbench_cpu.py"), "--log", str(log),
+    started, wall = timed([sys.executable, str(HERE / "airbench_cpu.py"), "--log", str(log), "--precision", precision,
                            *(["--data", data] if data else [])])
     entries = [json.loads(line) for line in log.read_text().splitlines()]
     evals = [(e["time"] - started, e["accuracy"]) for e in entries if e["tta_level"] == 0]
@@ -78,14 +81,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default=None)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                    help="for both runs; auto: bf16 where the CPU has it natively, else fp32")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for our run")
     ap.add_argument("--out", default="benchmarks/results/vs_airbench")
     args = ap.parse_args()
     extra = [a for kv in args.set for a in ("--set", kv)] + (["--data", args.data] if args.data else [])
+    extra += ["--precision", args.precision]
     with tempfile.TemporaryDirectory() as tmp:
         rows = [ours(Path(tmp), args.seed, extra)]
         print(json.dumps(rows[-1]), flush=True)
-        rows.append(airbench(Path(tmp), args.data))
+        rows.append(airbench(Path(tmp), args.data, args.precision))
         print(json.dumps(rows[-1]), flush=True)
     speedup = None
     if rows[0]["wall_seconds_to_85"] and rows[1]["wall_seconds_to_85"]:

@@ -1,0 +1,122 @@
+"""Which levers make a `fast` training step quicker in fp32, measured as ratios inside one process.
+
+Variants of one 32x32 (or --resolution) training step of the preset's network at its batch, fp32 (no
+autocast): channels_last against contiguous, 1 thread against all, eager against ``torch.compile``
+(Inductor's C++ code, through ``CompiledOnce`` as ``--compile`` runs it). The variants take turns,
+``--rounds`` times ``--steps`` steps each, and the report gives each one's median step: interleaving
+keeps the ratios honest on a machine other jobs share, where whole-process timings are not.
+The compiled variant's first step (compilation) is reported apart; run the script twice with the same
+``TORCHINDUCTOR_CACHE_DIR`` to see a cold and a warm FX graph cache.
+
+To approximate an AVX2-only CPU (Zen 3 class) on an AVX-512 one, run it under
+``ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2`` (kernels only, not clocks or caches).
+
+    python benchmarks/fp32_levers.py --out benchmarks/results/fp32_levers
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import markdown_table, write_results  # noqa: E402
+
+from tinycifar.config import resolve_config  # noqa: E402
+from tinycifar.data import synthetic_cifar10  # noqa: E402
+from tinycifar.data.augment import augment  # noqa: E402
+from tinycifar.training.train import CompiledOnce, build_network, build_optimizer, prepare_model  # noqa: E402
+
+MEAN, STD = [0.49, 0.48, 0.45], [0.25, 0.24, 0.26]
+
+
+def make_step(preset: str, resolution: int, channels_last: bool, compiled: bool) -> Callable[[], None]:
+    """One fp32 training step of the preset's network on fixed synthetic images, with its augmentation."""
+    cfg = resolve_config(preset)
+    torch.manual_seed(0)
+    train, _ = synthetic_cifar10(cfg.batch_size * 2, 10)
+    model, _ = build_network(cfg)
+    prepare_model(model, cfg, train, MEAN, STD)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
+    net = CompiledOnce(model) if compiled else model
+    optimizer = build_optimizer(model, cfg)
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    x_raw = (train.images[: cfg.batch_size].float() / 255 - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(
+        STD).view(1, 3, 1, 1)
+    y = train.labels[: cfg.batch_size]
+    g = torch.Generator().manual_seed(0)
+
+    def step() -> None:
+        x = augment(x_raw, cfg.aug, g)
+        if resolution != 32:
+            x = nn.functional.interpolate(x, size=(resolution,) * 2, mode="bilinear", antialias=True)
+        loss = criterion(net(x.contiguous(memory_format=memory_format)), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def seconds(fn: Callable[[], None], steps: int = 1) -> float:
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    return (time.perf_counter() - t0) / steps
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="fast")
+    ap.add_argument("--resolution", type=int, default=32)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--no-compile", action="store_true", help="leave the compiled variant out")
+    ap.add_argument("--out", default="benchmarks/results/fp32_levers")
+    args = ap.parse_args()
+    threads = torch.get_num_threads()
+    variants = {("channels_last", "eager", threads): make_step(args.preset, args.resolution, True, False),
+                ("contiguous", "eager", threads): make_step(args.preset, args.resolution, False, False),
+                ("channels_last", "eager", 1): make_step(args.preset, args.resolution, True, False)}
+    first_step = {}
+    if not args.no_compile:
+        for layout in ("channels_last", "contiguous"):
+            variants[(layout, "compiled", threads)] = step = make_step(args.preset, args.resolution,
+                                                                       layout == "channels_last", True)
+            first_step[layout] = seconds(step)
+    for step in variants.values():
+        seconds(step, 2)  # warm-up (oneDNN primitives, the allocator)
+    times: dict[tuple, list[float]] = {key: [] for key in variants}
+    for _ in range(args.rounds):
+        for key, step in variants.items():
+            torch.set_num_threads(key[2])
+            times[key].append(seconds(step, args.steps))
+            torch.set_num_threads(threads)
+    baseline = statistics.median(times[("channels_last", "eager", threads)])
+    rows = [{"layout": layout, "mode": mode, "threads": n, "median_ms": round(1000 * statistics.median(t), 1),
+             "vs_channels_last_eager": round(statistics.median(t) / baseline, 3),
+             "first_step_s": round(first_step[layout], 1) if mode == "compiled" else None}
+            for (layout, mode, n), t in times.items()]
+    isa = torch.backends.cpu.get_cpu_capability(), os.environ.get("ONEDNN_MAX_CPU_ISA", "native")
+    body = [f"fp32, {args.preset} network, batch {resolve_config(args.preset).batch_size}, "
+            f"{args.resolution}x{args.resolution}; ATen kernels {isa[0]}, oneDNN ISA {isa[1]}; "
+            f"{args.rounds} interleaved rounds of {args.steps} steps; first_step_s: the compiling step "
+            f"(TORCHINDUCTOR_CACHE_DIR={os.environ.get('TORCHINDUCTOR_CACHE_DIR', 'default')}).", "",
+            markdown_table(rows, ["layout", "mode", "threads", "median_ms", "vs_channels_last_eager", "first_step_s"])]
+    write_results(args.out, f"fp32 step levers ({args.preset}, {args.resolution}x{args.resolution})", body,
+                  aten_capability=isa[0], onednn_max_isa=isa[1], rows=rows)
+
+
+
+if __name__ == "__main__":
+    main()
