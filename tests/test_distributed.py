@@ -215,6 +215,8 @@ from tinycifar.training.train import init_distributed, rank0_first
 dist.init_process_group("gloo", timeout=timedelta(seconds=2))  # the default group gives up after 2 s
 env = init_distributed("cpu")
 print(rank0_first(env, lambda: time.sleep(6) or "loaded", share=True), flush=True)
+dist.barrier(group=env.wait_group)  # as train() ends: no rank exits while the other still talks to it
+dist.destroy_process_group()
 """
 
 

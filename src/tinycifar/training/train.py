@@ -421,6 +421,8 @@ def train(cfg: TrainConfig, data: tuple[Split, Split] | None = None, model: nn.M
         torch.set_num_threads(threads)  # --threads is for this run, not for the caller's process
         if env.owns_group and dist.is_initialized():
             dist.destroy_process_group()
+        elif env.wait_group is not None and dist.is_initialized():  # the caller's group stays; ours goes
+            dist.destroy_process_group(env.wait_group)
 
 
 @dataclass
