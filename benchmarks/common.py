@@ -1,4 +1,5 @@
-"""What every benchmark records beside its numbers: the machine and the command."""
+"""What every benchmark records beside its numbers (the machine and the command), and the synthetic
+training step that the step benchmarks time."""
 
 from __future__ import annotations
 
@@ -8,9 +9,15 @@ import platform
 import shlex
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from tinycifar.config import TrainConfig
 
 
 def cpu_model() -> str:
@@ -71,3 +78,40 @@ def write_results(out: str | Path, title: str, body: list[str], **fields) -> dic
     out.with_suffix(".md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
     return report
+
+
+MEAN, STD = [0.49, 0.48, 0.45], [0.25, 0.24, 0.26]  # CIFAR-10's, near enough for synthetic images
+
+
+@dataclass
+class SyntheticStep:
+    """What one training step of a preset needs: its config, network, optimizer and loss, one batch."""
+
+    cfg: TrainConfig
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    criterion: nn.Module
+    x_raw: torch.Tensor  # normalized, not yet augmented
+    y: torch.Tensor
+    generator: torch.Generator  # the augmentation's, seeded
+
+
+def synthetic_step(preset: str, memory_format: torch.memory_format) -> SyntheticStep:
+    """The preset's network (whitened stem, ``memory_format``), optimizer and loss, with one batch of
+    synthetic images: the step benchmarks time the training step, not the data, so they share this set-up.
+    The initial weights come from torch's global RNG: seed it first to repeat them."""
+    from tinycifar.config import resolve_config
+    from tinycifar.data import synthetic_cifar10
+    from tinycifar.training.train import build_network, build_optimizer, prepare_model
+
+    cfg = resolve_config(preset)
+    train, _ = synthetic_cifar10(cfg.batch_size * 4, 10)  # one batch, and more for the whitening statistics
+    model, _ = build_network(cfg)
+    prepare_model(model, cfg, train, MEAN, STD)
+    model = model.to(memory_format=memory_format)
+    optimizer = build_optimizer(model, cfg)
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
+    x_raw = (train.images[: cfg.batch_size].float() / 255 - mean) / std
+    y = train.labels[: cfg.batch_size]
+    return SyntheticStep(cfg, model, optimizer, criterion, x_raw, y, torch.Generator().manual_seed(0))

@@ -29,41 +29,28 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import markdown_table, write_results  # noqa: E402
+from common import markdown_table, synthetic_step, write_results  # noqa: E402
 
 from tinycifar.config import resolve_config  # noqa: E402
-from tinycifar.data import synthetic_cifar10  # noqa: E402
 from tinycifar.data.augment import augment  # noqa: E402
-from tinycifar.training.train import CompiledOnce, build_network, build_optimizer, prepare_model  # noqa: E402
-
-MEAN, STD = [0.49, 0.48, 0.45], [0.25, 0.24, 0.26]
+from tinycifar.training.train import CompiledOnce  # noqa: E402
 
 
 def make_step(preset: str, resolution: int, channels_last: bool, compiled: bool) -> Callable[[], None]:
     """One fp32 training step of the preset's network on fixed synthetic images, with its augmentation."""
-    cfg = resolve_config(preset)
-    torch.manual_seed(0)
-    train, _ = synthetic_cifar10(cfg.batch_size * 2, 10)
-    model, _ = build_network(cfg)
-    prepare_model(model, cfg, train, MEAN, STD)
+    torch.manual_seed(0)  # the same initial weights in every variant
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    model = model.to(memory_format=memory_format)
-    net = CompiledOnce(model) if compiled else model
-    optimizer = build_optimizer(model, cfg)
-    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    x_raw = (train.images[: cfg.batch_size].float() / 255 - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(
-        STD).view(1, 3, 1, 1)
-    y = train.labels[: cfg.batch_size]
-    g = torch.Generator().manual_seed(0)
+    s = synthetic_step(preset, memory_format)
+    net = CompiledOnce(s.model) if compiled else s.model
 
     def step() -> None:
-        x = augment(x_raw, cfg.aug, g)
+        x = augment(s.x_raw, s.cfg.aug, s.generator)
         if resolution != 32:
             x = nn.functional.interpolate(x, size=(resolution,) * 2, mode="bilinear", antialias=True)
-        loss = criterion(net(x.contiguous(memory_format=memory_format)), y)
-        optimizer.zero_grad(set_to_none=True)
+        loss = s.criterion(net(x.contiguous(memory_format=memory_format)), s.y)
+        s.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        optimizer.step()
+        s.optimizer.step()
 
     return step
 

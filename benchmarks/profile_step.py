@@ -35,14 +35,11 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import command_line, machine_info, markdown_table  # noqa: E402
+from common import command_line, machine_info, markdown_table, synthetic_step  # noqa: E402
 
-from tinycifar.config import resolve_config  # noqa: E402
-from tinycifar.data import synthetic_cifar10  # noqa: E402
 from tinycifar.data.augment import augment  # noqa: E402
 from tinycifar.evaluate import autocast_context  # noqa: E402
 from tinycifar.models.summary import model_summary  # noqa: E402
-from tinycifar.training.train import build_network, build_optimizer, prepare_model  # noqa: E402
 
 
 def conv_kind(module: nn.Conv2d) -> str:
@@ -126,33 +123,23 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/profile_fast")
     args = ap.parse_args()
 
-    cfg = resolve_config(args.preset)
-    train, _ = synthetic_cifar10(cfg.batch_size * 4, 10)
-    mean, std = [0.49, 0.48, 0.45], [0.25, 0.24, 0.26]
-    model, _ = build_network(cfg)
-    prepare_model(model, cfg, train, mean, std)
     memory_format = torch.contiguous_format if args.contiguous else torch.channels_last
-    model = model.to(memory_format=memory_format)
-    optimizer = build_optimizer(model, cfg)
-    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    x_raw = (train.images[: cfg.batch_size].float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(
-        std).view(1, 3, 1, 1)
-    y = train.labels[: cfg.batch_size]
-    g = torch.Generator().manual_seed(0)
+    s = synthetic_step(args.preset, memory_format)
+    cfg, model = s.cfg, s.model
     device = torch.device("cpu")
 
     def step() -> None:
         with torch.autograd.profiler.record_function("## augmentation | -"):
-            x = augment(x_raw, cfg.aug, g)
+            x = augment(s.x_raw, cfg.aug, s.generator)
             if args.resolution != 32:
                 x = nn.functional.interpolate(x, size=(args.resolution,) * 2, mode="bilinear", antialias=True)
             x = x.contiguous(memory_format=memory_format)
         with autocast_context(device, args.precision):
-            loss = criterion(model(x).float(), y)
-        optimizer.zero_grad(set_to_none=True)
+            loss = s.criterion(model(x).float(), s.y)
+        s.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         with torch.autograd.profiler.record_function("## optimizer | -"):
-            optimizer.step()
+            s.optimizer.step()
 
     for _ in range(3):
         step()
