@@ -51,6 +51,7 @@ def server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def browser():
+    _need_browser()  # pytest may set this fixture up before the server: skip (or fail in CI) here too
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
