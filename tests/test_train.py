@@ -503,6 +503,20 @@ def test_progressive_resizing_trains_the_first_epochs_at_low_resolution(tmp_path
     assert seen[2 * per_epoch :] == [32] * (2 * per_epoch)
 
 
+@pytest.mark.parametrize(("max_isa", "expected"), [("", "bf16"), ("AVX2", "fp32"), ("avx512_core_vnni", "fp32"),
+                                                   ("AVX512_CORE_BF16", "bf16"), ("AVX10_1_512_AMX", "bf16")])
+def test_auto_precision_on_the_cpu_obeys_onednns_instruction_set_cap(monkeypatch, max_isa, expected):
+    """A bf16 CPU whose oneDNN is capped below bf16 (how the lab approximates AVX2-only CPUs) emulates
+    bf16, so auto must pick fp32 there, as it does on the real AVX2 CPU."""
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", max_isa)
+    assert train_mod.resolve_precision("auto", torch.device("cpu")) == expected
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert train_mod.resolve_precision("auto", torch.device("cpu")) == "fp32"  # no cap makes bf16 native
+
+
 # ---------------------------------------------------------------------------- the GPU path, proven on the CPU
 
 

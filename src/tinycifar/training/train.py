@@ -77,8 +77,17 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+# oneDNN instruction sets without bf16 arithmetic: ONEDNN_MAX_CPU_ISA set to one of them makes a bf16
+# CPU emulate bf16 as an AVX2 or AVX-512 one would (the lab approximates AVX2-only CPUs that way).
+ONEDNN_ISAS_WITHOUT_BF16 = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX512_CORE", "AVX512_CORE_VNNI"}
+
+
 def cpu_supports_bf16() -> bool:
-    """Fast bf16 on the CPU needs AVX512-BF16 or AMX; elsewhere autocast is slower than fp32."""
+    """Fast bf16 on the CPU needs AVX512-BF16 or AMX, and oneDNN allowed to use them
+    (``ONEDNN_MAX_CPU_ISA``); elsewhere autocast is slower than fp32."""
+    max_isa = os.environ.get("ONEDNN_MAX_CPU_ISA", os.environ.get("DNNL_MAX_CPU_ISA", "")).strip().upper()
+    if max_isa in ONEDNN_ISAS_WITHOUT_BF16:
+        return False
     return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
