@@ -47,8 +47,14 @@ def machine_info() -> dict:
     return info
 
 
+# Set, these change which kernels run (the lab approximates AVX2-only CPUs with them): a result's
+# command must carry them to be reproduced.
+KERNEL_VARIABLES = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")
+
+
 def command_line() -> str:
-    return " ".join(shlex.quote(a) for a in [os.path.basename(sys.executable), *sys.argv])
+    variables = [f"{k}={os.environ[k]}" for k in KERNEL_VARIABLES if os.environ.get(k)]
+    return " ".join(shlex.quote(a) for a in [*variables, os.path.basename(sys.executable), *sys.argv])
 
 
 def markdown_table(rows: list[dict], columns: list[str]) -> str:
