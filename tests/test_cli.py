@@ -86,6 +86,10 @@ BAD_TRAIN_OPTIONS = {
     "--set synthetic size 0": (["--set", "synthetic_size=0"], "--synthetic-size"),
     "--mix with the jsd loss": (["--mix", "cutmix", "--augmix", "jsd"], "aug.mix"),
     "--set mix probability 2": (["--mix", "mixup", "--set", "aug.mix_p=2"], "aug.mix_p"),
+    "--set by_precision unknown precision": (["--set", 'by_precision={"fp64": {}}'], "by_precision"),
+    "--set by_precision unknown key": (["--set", 'by_precision={"fp32": {"epochz": 1}}'],
+                                       "by_precision.fp32: unknown option 'epochz'"),
+    "--set by_precision bad value": (["--set", 'by_precision={"fp32": {"lr": -1}}'], "by_precision.fp32: --lr"),
     "unknown option": (["--colour", "blue"], "unrecognized arguments"),
 }
 

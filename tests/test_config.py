@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
+import json
+import re
+from pathlib import Path
+
 import pytest
 
-from tinycifar.config import PRESETS, ConfigError, apply_overrides, parse_assignments, resolve_config
+from tinycifar.config import (
+    PRESETS,
+    ConfigError,
+    apply_overrides,
+    apply_precision_recipe,
+    parse_assignments,
+    resolve_config,
+)
 from tinycifar.models import MODEL_REGISTRY, count_params, create_model
 from tinycifar.training.train import train
 
@@ -53,3 +64,63 @@ def test_best_recipe_trains_the_slimres_family_end_to_end(tmp_path, model):
     assert result.summary["final_acc"] > 35  # chance is 10%; measured 55 and 66
     assert "final_acc_tta" in result.summary
     assert 0 <= result.summary["final_ece_tta"] <= 100 and 0 <= result.summary["final_ece"] <= 100
+
+
+def documented_precision_recipes() -> dict[str, dict]:
+    """The `fast` preset's overrides by precision as docs/training.md's table states them."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / "training.md").read_text()
+    rows = re.findall(r"^\| (bf16|fp32) \|[^|\n]*\| `(\{[^`]*\})` \|", text, re.MULTILINE)
+    return {precision: json.loads(table) for precision, table in rows}
+
+
+def test_the_fast_recipe_chosen_for_each_precision_is_the_documented_one():
+    documented = documented_precision_recipes()
+    assert set(documented) == {"bf16", "fp32"}
+    for precision, table in documented.items():
+        cfg = resolve_config("fast")
+        assert apply_precision_recipe(cfg, precision) == table, f"docs/training.md, the {precision} row"
+    bf16, fp32 = resolve_config("fast"), resolve_config("fast")
+    apply_precision_recipe(bf16, "bf16")
+    apply_precision_recipe(fp32, "fp32")
+    assert bf16 == resolve_config("fast")  # the bf16 recipe is the preset itself, unchanged
+    low_res_epochs = [int(c.low_res_fraction * c.epochs) for c in (bf16, fp32)]
+    assert low_res_epochs == [2, 3] and bf16.epochs == fp32.epochs == 6
+    assert (bf16.batch_size, fp32.batch_size) == (256, 128)
+    assert (bf16.aug.alternate_flip, fp32.aug.alternate_flip) == (False, True)
+
+
+def test_what_the_config_file_or_command_line_sets_beats_the_precision_recipe():
+    cfg = resolve_config("fast", file_values={"low_res_fraction": 0.34},
+                         overrides=parse_assignments(["aug.alternate_flip=false", "epochs=8"]))
+    assert cfg.by_precision == {"fp32": {"batch_size": 128, "lr": 0.12}}  # what was set is left out
+    assert apply_precision_recipe(cfg, "fp32") == {"batch_size": 128, "lr": 0.12}
+    assert (cfg.low_res_fraction, cfg.aug.alternate_flip, cfg.epochs, cfg.batch_size) == (0.34, False, 8, 128)
+    kept = resolve_config("fast", overrides={"aug": {"translate_pad": 3}})
+    assert apply_precision_recipe(kept, "fp32") == {"batch_size": 128, "lr": 0.12, "low_res_fraction": 0.5,
+                                                    "aug": {"alternate_flip": True}}
+    assert (kept.aug.translate_pad, kept.aug.alternate_flip) == (3, True)
+    off = resolve_config("fast", overrides=parse_assignments(["by_precision={}"]))
+    assert apply_precision_recipe(off, "fp32") == {} and off.low_res_fraction == 0.34
+
+
+def test_applying_the_precision_recipe_twice_changes_nothing():
+    """A resumed run starts from the config that already holds it."""
+    once = resolve_config("fast")
+    apply_precision_recipe(once, "fp32")
+    twice = apply_overrides(once, {}, "copy")
+    apply_precision_recipe(twice, "fp32")
+    assert twice == once
+
+
+@pytest.mark.parametrize("table, complaint", [
+    ({"fp64": {}}, "by_precision: expected tables of options under bf16, fp16, fp32, got 'fp64'"),
+    ({"fp32": 3}, "by_precision: expected tables of options"),
+    ({"fp32": {"epochz": 3}}, "by_precision.fp32: unknown option 'epochz'"),
+    ({"fp32": {"epochs": 0}}, "by_precision.fp32: --epochs: expected a positive integer, got 0"),
+    ({"fp32": {"aug": {"flip": 2}}}, "by_precision.fp32: aug.flip: expected a probability in [0, 1], got 2"),
+    ({"fp32": {"precision": "bf16"}}, "by_precision.fp32: cannot set precision"),
+])
+def test_a_bad_precision_table_is_named_before_the_run(table, complaint):
+    with pytest.raises(ConfigError) as e:
+        resolve_config("fast", overrides={"by_precision": table})
+    assert str(e.value).startswith(complaint)

@@ -23,7 +23,7 @@ from torch import nn
 
 from tinycifar.checkpoint import load_checkpoint, model_from_checkpoint
 from tinycifar.cli import main
-from tinycifar.config import TrainConfig, resolve_config
+from tinycifar.config import PRESETS, TrainConfig, apply_precision_recipe, resolve_config
 from tinycifar.data import DatasetError, synthetic_cifar10
 from tinycifar.data import augmix as augmix_module
 from tinycifar.data.loader import DeviceLoader
@@ -114,6 +114,20 @@ def test_run_folder_holds_everything_documented(basic_run):
     assert {k: v for k, v in config.items() if k != "resolved"} == cfg.to_dict()
     assert config["resolved"]["steps_per_epoch"] == 512 // 32
     assert config["resolved"]["world_size"] == 1
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_the_run_trains_and_records_the_recipe_of_its_resolved_precision(tmp_path, capsys, precision):
+    cfg = quick_cfg(tmp_path / "run", epochs=2, synthetic_size=128, precision=precision, quiet=False)
+    recipe = cfg.by_precision.get(precision, {})  # the fast preset's, less what QUICK sets (batch, lr)
+    assert bool(recipe) is (precision == "fp32")
+    train(cfg)
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["resolved"]["precision_recipe"] == recipe
+    assert config["low_res_fraction"] == recipe.get("low_res_fraction", PRESETS["fast"]["low_res_fraction"])
+    assert config["aug"]["alternate_flip"] is ("aug" in recipe)
+    said = f"{precision} recipe (by_precision): "
+    assert (said in capsys.readouterr().out) is bool(recipe)
 
 
 def test_checkpoints_hold_the_last_and_the_best_epoch(basic_run):
@@ -221,6 +235,19 @@ def test_resume_accepts_the_recipes_own_augmentation_policy_and_refuses_another(
     assert read_metrics(Path(cfg.out)) == before
     assert main(["train", "--resume", "--out", cfg.out, "--aug", "seed"]) == 2
     assert "cannot change aug" in capsys.readouterr().err
+
+
+def test_a_resumed_run_keeps_the_recipe_its_precision_chose(tmp_path, monkeypatch):
+    """Started where auto meant fp32, resumed on a bf16 machine: the bf16 table must not apply mid-run."""
+    monkeypatch.setattr(train_mod, "cpu_supports_bf16", lambda: False)
+    cfg = quick_cfg(tmp_path / "run", epochs=1, synthetic_size=128, precision="auto",
+                    by_precision={"fp32": {"weight_decay": 1e-4}, "bf16": {"weight_decay": 3e-4}})
+    train(cfg)
+    monkeypatch.setattr(train_mod, "cpu_supports_bf16", lambda: True)
+    resumed = train_mod.resume_config(Path(cfg.out), {})
+    assert train_mod.resolve_precision(resumed.precision, torch.device("cpu")) == "bf16"
+    assert apply_precision_recipe(resumed, "bf16") == {}
+    assert (resumed.weight_decay, resumed.by_precision) == (1e-4, {})
 
 
 def test_a_missing_dataset_leaves_no_run_folder_behind(tmp_path):

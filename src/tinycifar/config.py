@@ -28,6 +28,10 @@ class ConfigError(ValueError):
 @dataclass
 class TrainConfig:
     preset: str = "fast"
+    # The preset's overrides by the precision a run resolves to, e.g. {"fp32": {"low_res_fraction": 0.5}}:
+    # applied once the device, and so --precision auto, is known (apply_precision_recipe); whatever the
+    # config file or the command line sets is left out of them, so it wins. --set by_precision={} turns them off.
+    by_precision: dict[str, Any] = field(default_factory=dict)
     # a registered name, a plugin's name, path/to/file.py:factory or package.module:factory
     model: str = "era9"
     model_kwargs: dict[str, Any] = field(default_factory=dict)  # passed to the model's factory
@@ -113,12 +117,18 @@ PRESETS: dict[str, dict[str, Any]] = {
     # range test finds (0.175; tinycifar lr-find), batch-norm biases at 4x the lr, label smoothing,
     # flip + translate, an evaluated EMA of the weights; six epochs, one test pass at the end (each
     # per-epoch pass cost 1.7 s) that also scores flip TTA from the same forward passes.
-    # bf16 + channels_last.
+    # bf16 + channels_last. Where the CPU has no fast bf16 (--precision auto resolves to fp32: AVX2-only
+    # CPUs such as AMD Zen 3 and most Intel laptops) a step costs about 3x more, and the fp32 kernels
+    # differ: batch 128 runs 11-15% faster per image than 256 (its activations stay in the caches;
+    # 64 is slower again, per-batch costs) and its twice as many steps learn more per epoch, which pays
+    # for a third epoch at 20x20 (0.4x a 32x32 one) with airbench's free alternating flips; lr 0.12
+    # for batch 128 (square-root scaling of 0.175). benchmarks/README.md, "Speed III", has the runs.
     "fast": dict(
         model="fastnet", epochs=6, batch_size=256, aug=dict(policy="fast", cutout_size=0),
         optimizer="sgd", lr=0.175, nesterov=True, weight_decay=5e-4, schedule="onecycle",
         pct_start=0.25, norm_bias_lr_scale=4.0, label_smoothing=0.1, whiten_stem=True, low_res=20,
         low_res_fraction=0.34, ema_decay=0.99, eval_every=0, tta=True, tta_views="flip",
+        by_precision={"fp32": dict(batch_size=128, lr=0.12, low_res_fraction=0.5, aug=dict(alternate_flip=True))},
     ),
     # Accuracy under 200k parameters in about 67 minutes of 2 CPU threads (issue 17): a
     # ResNet-style network with squeeze-and-excitation in its 8x8 blocks (slimres200k_se) and
@@ -149,6 +159,8 @@ def apply_overrides(cfg: TrainConfig, values: dict[str, Any], source: str) -> Tr
             if unknown:
                 raise ConfigError(f"{source}: unknown augmentation option(s) {sorted(unknown)}")
             cfg.aug = dataclasses.replace(cfg.aug, **value)
+        elif key == "by_precision":
+            cfg.by_precision = value  # checked whole by validate: it names the precision and the option
         elif key == "model_kwargs":
             if not isinstance(value, dict):
                 raise ConfigError(f"{source}: 'model_kwargs' must be a table of keyword arguments")
@@ -158,6 +170,31 @@ def apply_overrides(cfg: TrainConfig, values: dict[str, Any], source: str) -> Tr
         else:
             raise ConfigError(f"{source}: unknown option {key!r}")
     return cfg
+
+
+def without_keys_of(table: dict[str, Any], explicit: dict[str, Any]) -> dict[str, Any]:
+    """``table`` less the options ``explicit`` sets; nested tables (aug, model_kwargs) option by option."""
+    kept: dict[str, Any] = {}
+    for key, value in table.items():
+        if isinstance(value, dict) and isinstance(explicit.get(key), dict):
+            value = without_keys_of(value, explicit[key])
+            if value:
+                kept[key] = value
+        elif key not in explicit:
+            kept[key] = value
+    return kept
+
+
+def apply_precision_recipe(cfg: TrainConfig, precision: str) -> dict[str, Any]:
+    """Layer the preset's overrides for ``precision`` (``by_precision``) onto ``cfg``, in place, and return
+    them: the precision is known only once the device is, after the config was resolved and handed on,
+    and config.json must record what the run used. Applying it twice (a resumed run) changes nothing."""
+    table = cfg.by_precision.get(precision, {})
+    if table:
+        chosen = apply_overrides(cfg, table, f"by_precision.{precision}")
+        for f in dataclasses.fields(cfg):
+            setattr(cfg, f.name, getattr(chosen, f.name))
+    return table
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
@@ -206,6 +243,10 @@ def resolve_config(preset: str, file_values: dict[str, Any] | None = None,
         cfg = apply_overrides(cfg, file_values, "config file")
     if overrides:
         cfg = apply_overrides(cfg, overrides, "command line")
+    explicit = {**(file_values or {}), **(overrides or {})}
+    if isinstance(cfg.by_precision, dict):  # validate names a malformed table
+        cfg.by_precision = {p: without_keys_of(t, explicit) if isinstance(t, dict) else t
+                            for p, t in cfg.by_precision.items()}
     validate(cfg)
     return cfg
 
@@ -267,6 +308,25 @@ def _validate_aug(aug: AugmentConfig) -> None:
          "off with augmix=jsd (the consistency loss compares views of one labelled image)")
 
 
+PRECISIONS = ("bf16", "fp16", "fp32")
+
+
+def _validate_by_precision(cfg: TrainConfig) -> None:
+    """Each precision's table is a valid layer on cfg; it may not pick the device or the precision."""
+    for precision, table in cfg.by_precision.items():
+        if precision not in PRECISIONS or not isinstance(table, dict):
+            raise ConfigError(f"by_precision: expected tables of options under {', '.join(PRECISIONS)}, "
+                              f"got {precision!r}: {table!r}")
+        fixed = sorted({"precision", "device", "by_precision"} & set(table))
+        if fixed:
+            raise ConfigError(f"by_precision.{precision}: cannot set {', '.join(fixed)} (they choose the table)")
+        try:
+            validate(apply_overrides(cfg, {**table, "by_precision": {}}, f"by_precision.{precision}"))
+        except ConfigError as e:
+            named = str(e) if str(e).startswith("by_precision") else f"by_precision.{precision}: {e}"
+            raise ConfigError(named) from None
+
+
 def validate(cfg: TrainConfig) -> None:
     from .models import ModelError, check_spec
 
@@ -278,6 +338,7 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"aug: expected a table of augmentation options, got {cfg.aug!r}")
     check_types(cfg)
     _validate_aug(cfg.aug)
+    _validate_by_precision(cfg)
     need(cfg.dropout is None or 0 <= cfg.dropout < 1, "--dropout", "a number in [0, 1) or null", cfg.dropout)
     need(0 <= cfg.seed < 2**32, "--seed", "an integer in 0..2**32-1", cfg.seed)
     need(cfg.step_gamma > 0, "step_gamma", "a positive number", cfg.step_gamma)

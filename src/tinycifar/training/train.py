@@ -39,7 +39,7 @@ from ..checkpoint import (
     save_checkpoint,
     user_code_refusal,
 )
-from ..config import ConfigError, TrainConfig
+from ..config import ConfigError, TrainConfig, apply_precision_recipe
 from ..data import DatasetError, Split, load_cifar10, synthetic_cifar10
 from ..data.folders import load_image_folders
 from ..data.loader import DeviceLoader, channel_stats
@@ -535,6 +535,7 @@ def prepare(cfg: TrainConfig, env: DistEnv, data: tuple[Split, Split] | None = N
     if device.type == "cuda" and env.world_size > 1:
         device = torch.device("cuda", env.local_rank)
     precision = resolve_precision(cfg.precision, device)
+    apply_precision_recipe(cfg, precision)  # before anything reads the recipe
     tune_backends(device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -631,6 +632,7 @@ def announce(run: Run, n_train: int, n_test: int, resumed: bool) -> None:
         try:
             write_json(run.run_dir / "config.json", {**cfg.to_dict(), "resolved": {
                 "device": str(run.device), "precision": run.precision, "world_size": env.world_size,
+                "precision_recipe": cfg.by_precision.get(run.precision, {}),
                 "per_rank_batch": cfg.batch_size // env.world_size, "steps_per_epoch": run.steps_per_epoch,
                 "params": run.params, "mean": run.mean, "std": run.std, "torch": torch.__version__}})
             if resumed:  # a kill between last.pt and metrics.csv leaves the csv behind
@@ -640,6 +642,8 @@ def announce(run: Run, n_train: int, n_test: int, resumed: bool) -> None:
     if not run.quiet:
         print(f"tinycifar: {cfg.model} ({run.params:,} parameters), {n_train:,} train / {n_test:,} test images, "
               f"{run.device} {run.precision}, batch {cfg.batch_size}, {cfg.epochs} epochs -> {run.run_dir}")
+        if cfg.by_precision.get(run.precision):
+            print(f"{run.precision} recipe (by_precision): {json.dumps(cfg.by_precision[run.precision])}")
         if resumed:
             print(f"resuming after epoch {run.start_epoch}")
 
@@ -878,5 +882,8 @@ def resume_config(run_dir: Path, overrides: dict[str, Any]) -> TrainConfig:
         raise ConfigError(f"--resume: cannot change {', '.join(sorted(changed))} of a started run")
     cfg = merged
     cfg.resume, cfg.out = True, str(run_dir)
+    # The saved config already holds the recipe its precision chose; resumed on a machine where --precision
+    # auto resolves otherwise, another table would change the batch or the schedule mid-run.
+    cfg.by_precision = {}
     validate(cfg)
     return cfg
