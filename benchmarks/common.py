@@ -102,16 +102,17 @@ class SyntheticStep:
     generator: torch.Generator  # the augmentation's, seeded
 
 
-def synthetic_step(preset: str, memory_format: torch.memory_format) -> SyntheticStep:
+def synthetic_step(preset: str, memory_format: torch.memory_format, batch_size: int | None = None) -> SyntheticStep:
     """The preset's network (whitened stem, ``memory_format``), optimizer and loss, with one batch of
-    synthetic images: the step benchmarks time the training step, not the data, so they share this set-up.
-    The initial weights come from torch's global RNG: seed it first to repeat them."""
+    synthetic images (the preset's batch size unless given): the step benchmarks time the training step,
+    not the data, so they share this set-up. The initial weights come from torch's global RNG: seed it
+    first to repeat them."""
     from tinycifar.config import resolve_config
     from tinycifar.data import synthetic_cifar10
     from tinycifar.training.train import build_network, build_optimizer, prepare_model
 
-    cfg = resolve_config(preset)
-    train, _ = synthetic_cifar10(cfg.batch_size * 4, 10)  # one batch, and more for the whitening statistics
+    cfg = resolve_config(preset, overrides={"batch_size": batch_size} if batch_size else None)
+    train, _ = synthetic_cifar10(max(cfg.batch_size, 256) * 4, 10)  # a batch, and the whitening statistics
     model, _ = build_network(cfg)
     prepare_model(model, cfg, train, MEAN, STD)
     model = model.to(memory_format=memory_format)

@@ -2,7 +2,9 @@
 
 Variants of one 32x32 (or --resolution) training step of the preset's network at its batch, fp32 (no
 autocast): channels_last against contiguous, 1 thread against all, eager against ``torch.compile``
-(Inductor's C++ code, through ``CompiledOnce`` as ``--compile`` runs it). The variants take turns,
+(Inductor's C++ code, through ``CompiledOnce`` as ``--compile`` runs it), and other batch sizes
+(``--batch-sizes``, compared per image: smaller batches keep the activations in the caches). The
+variants take turns,
 ``--rounds`` times ``--steps`` steps each, and the report gives each one's median step: interleaving
 keeps the ratios honest on a machine other jobs share, where whole-process timings are not.
 The compiled variant's first step (compilation) is reported apart; run the script twice with the same
@@ -36,11 +38,12 @@ from tinycifar.data.augment import augment  # noqa: E402
 from tinycifar.training.train import CompiledOnce  # noqa: E402
 
 
-def make_step(preset: str, resolution: int, channels_last: bool, compiled: bool) -> Callable[[], None]:
+def make_step(preset: str, resolution: int, channels_last: bool, compiled: bool,
+              batch_size: int | None = None) -> Callable[[], None]:
     """One fp32 training step of the preset's network on fixed synthetic images, with its augmentation."""
     torch.manual_seed(0)  # the same initial weights in every variant
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    s = synthetic_step(preset, memory_format)
+    s = synthetic_step(preset, memory_format, batch_size)
     net = CompiledOnce(s.model) if compiled else s.model
 
     def step() -> None:
@@ -69,17 +72,21 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--no-compile", action="store_true", help="leave the compiled variant out")
+    ap.add_argument("--batch-sizes", type=int, nargs="*", default=[],
+                    help="also time channels_last eager steps at these batch sizes (compared per image)")
     ap.add_argument("--out", default="benchmarks/results/fp32_levers")
     args = ap.parse_args()
-    threads = torch.get_num_threads()
-    variants = {("channels_last", "eager", threads): make_step(args.preset, args.resolution, True, False),
-                ("contiguous", "eager", threads): make_step(args.preset, args.resolution, False, False),
-                ("channels_last", "eager", 1): make_step(args.preset, args.resolution, True, False)}
+    threads, batch = torch.get_num_threads(), resolve_config(args.preset).batch_size
+    variants = {("channels_last", "eager", threads, batch): make_step(args.preset, args.resolution, True, False),
+                ("contiguous", "eager", threads, batch): make_step(args.preset, args.resolution, False, False),
+                ("channels_last", "eager", 1, batch): make_step(args.preset, args.resolution, True, False)}
+    for b in args.batch_sizes:
+        variants[("channels_last", "eager", threads, b)] = make_step(args.preset, args.resolution, True, False, b)
     first_step = {}
     if not args.no_compile:
         for layout in ("channels_last", "contiguous"):
-            variants[(layout, "compiled", threads)] = step = make_step(args.preset, args.resolution,
-                                                                       layout == "channels_last", True)
+            variants[(layout, "compiled", threads, batch)] = step = make_step(args.preset, args.resolution,
+                                                                              layout == "channels_last", True)
             first_step[layout] = seconds(step)
     for step in variants.values():
         seconds(step, 2)  # warm-up (oneDNN primitives, the allocator)
@@ -89,20 +96,22 @@ def main() -> None:
             torch.set_num_threads(key[2])
             times[key].append(seconds(step, args.steps))
             torch.set_num_threads(threads)
-    baseline = statistics.median(times[("channels_last", "eager", threads)])
-    rows = [{"layout": layout, "mode": mode, "threads": n, "median_ms": round(1000 * statistics.median(t), 1),
-             "vs_channels_last_eager": round(statistics.median(t) / baseline, 3),
+    baseline = statistics.median(times[("channels_last", "eager", threads, batch)]) / batch  # per image
+    rows = [{"layout": layout, "mode": mode, "threads": n, "batch": b,
+             "median_ms": round(1000 * statistics.median(t), 1),
+             "vs_channels_last_eager": round(statistics.median(t) / b / baseline, 3),
              "first_step_s": round(first_step[layout], 1) if mode == "compiled" else None}
-            for (layout, mode, n), t in times.items()]
+            for (layout, mode, n, b), t in times.items()]
     isa = torch.backends.cpu.get_cpu_capability(), os.environ.get("ONEDNN_MAX_CPU_ISA", "native")
-    body = [f"fp32, {args.preset} network, batch {resolve_config(args.preset).batch_size}, "
+    body = [f"fp32, {args.preset} network, batch {batch} unless said, "
             f"{args.resolution}x{args.resolution}; ATen kernels {isa[0]}, oneDNN ISA {isa[1]}; "
-            f"{args.rounds} interleaved rounds of {args.steps} steps; first_step_s: the compiling step "
+            f"{args.rounds} interleaved rounds of {args.steps} steps; vs_channels_last_eager: per image; "
+            f"first_step_s: the compiling step "
             f"(TORCHINDUCTOR_CACHE_DIR={os.environ.get('TORCHINDUCTOR_CACHE_DIR', 'default')}).", "",
-            markdown_table(rows, ["layout", "mode", "threads", "median_ms", "vs_channels_last_eager", "first_step_s"])]
+            markdown_table(rows, ["layout", "mode", "threads", "batch", "median_ms", "vs_channels_last_eager",
+                                  "first_step_s"])]
     write_results(args.out, f"fp32 step levers ({args.preset}, {args.resolution}x{args.resolution})", body,
                   aten_capability=isa[0], onednn_max_isa=isa[1], rows=rows)
-
 
 
 if __name__ == "__main__":

@@ -119,12 +119,13 @@ def main() -> None:
     ap.add_argument("--resolution", type=int, default=32)
     ap.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
     ap.add_argument("--contiguous", action="store_true", help="NCHW tensors instead of channels_last")
+    ap.add_argument("--batch-size", type=int, default=None, help="default: the preset's")
     ap.add_argument("--clock-ghz", type=float, default=None, help="default: /proc/cpuinfo's cpu MHz")
     ap.add_argument("--out", default="benchmarks/results/profile_fast")
     args = ap.parse_args()
 
     memory_format = torch.contiguous_format if args.contiguous else torch.channels_last
-    s = synthetic_step(args.preset, memory_format)
+    s = synthetic_step(args.preset, memory_format, args.batch_size)
     cfg, model = s.cfg, s.model
     device = torch.device("cpu")
 
