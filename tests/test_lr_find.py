@@ -11,11 +11,13 @@ import torch
 from cli_helpers import one_line, run_main
 from torch import nn
 
-from tinycifar.config import PRESETS, resolve_config
+from tinycifar.config import apply_precision_recipe, resolve_config
 from tinycifar.data import synthetic_cifar10
 from tinycifar.data.loader import DeviceLoader, channel_stats
 from tinycifar.models import create_model
+from tinycifar.training import train as train_module
 from tinycifar.training.lr_find import lr_find, range_test, suggest
+from tinycifar.training.train import resolve_precision
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SMALL = {"dataset": "synthetic", "synthetic_size": 400, "batch_size": 50, "threads": 1, "quiet": True,
@@ -88,23 +90,33 @@ def test_bad_ranges_are_one_line(capsys, extra, fragment):
     one_line(rc, err, fragment)
 
 
+def recipe_lr() -> float:
+    """The fast preset's peak lr on this machine: its fp32 table has its own (CPUs without bf16)."""
+    cfg = resolve_config("fast")
+    apply_precision_recipe(cfg, resolve_precision("auto", torch.device("cpu")))
+    return cfg.lr
+
+
 def test_cli_writes_the_plot_and_the_csv(tmp_path, capsys):
     rc, out, _ = run_main(capsys, ["lr-find", "--dataset", "synthetic", "--set", "synthetic_size=400",
                                    "--batch-size", "50", "--threads", "1", "--steps", "30", "--out", tmp_path])
-    assert rc == 0 and "suggested peak lr:" in out and f"the fast preset uses {PRESETS['fast']['lr']:g}" in out
+    assert rc == 0 and "suggested peak lr:" in out and f"the fast preset uses {recipe_lr():g}" in out
     with open(tmp_path / "lr_find.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) >= 10 and list(rows[0]) == ["step", "lr", "loss", "smoothed_loss"]
     assert (tmp_path / "lr_find.png").stat().st_size > 10_000
 
 
-def test_train_lr_auto_uses_and_records_the_suggestion(tmp_path, capsys):
+@pytest.mark.parametrize("bf16_cpu", [True, False], ids=["bf16-cpu", "fp32-cpu"])
+def test_train_lr_auto_uses_and_records_the_suggestion(tmp_path, capsys, monkeypatch, bf16_cpu):
+    """On a CPU without bf16 the preset's fp32 table has an lr of its own: the suggestion must still win."""
+    monkeypatch.setattr(train_module, "cpu_supports_bf16", lambda: bf16_cpu)
     rc, out, _ = run_main(capsys, ["train", "--lr", "auto", "--dataset", "synthetic", "--set", "synthetic_size=400",
                                    "--batch-size", "50", "--epochs", "1", "--threads", "1", "--out", tmp_path / "run"])
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     found = config["lr_range_test"]
     assert rc == 0 and "learning-rate range test: peak lr" in out
-    assert config["lr"] == found["suggestion"] and found["preset_lr"] == PRESETS["fast"]["lr"]
+    assert config["lr"] == found["suggestion"] and found["preset_lr"] == recipe_lr()
     assert found["rule"].startswith("steepest")
     assert 1e-5 <= found["suggestion"] <= 10
     rc, _, err = run_main(capsys, ["train", "--resume", "--out", tmp_path / "run", "--lr", "auto"])

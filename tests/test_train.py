@@ -7,6 +7,7 @@ takes a second or two.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -69,6 +70,14 @@ def comparable_summary(run_dir: Path) -> dict:
     return {k: v for k, v in s.items() if k not in TIMING_KEYS}
 
 
+def as_trained(cfg: TrainConfig) -> TrainConfig:
+    """The config a run records: the caller's, with the preset's table for its precision applied
+    (QUICK trains in fp32, so the fast preset's fp32 table, less what QUICK sets)."""
+    trained = dataclasses.replace(cfg)
+    apply_precision_recipe(trained, cfg.precision)
+    return trained
+
+
 @pytest.fixture(scope="module")
 def basic_run(tmp_path_factory):
     torch.set_num_threads(1)
@@ -111,7 +120,7 @@ def test_run_folder_holds_everything_documented(basic_run):
     assert summary["epochs_run"] == 3 and summary["train_seconds"] > 0
 
     config = json.loads((run_dir / "config.json").read_text())
-    assert {k: v for k, v in config.items() if k != "resolved"} == cfg.to_dict()
+    assert {k: v for k, v in config.items() if k != "resolved"} == as_trained(cfg).to_dict()
     assert config["resolved"]["steps_per_epoch"] == 512 // 32
     assert config["resolved"]["world_size"] == 1
 
@@ -136,7 +145,7 @@ def test_checkpoints_hold_the_last_and_the_best_epoch(basic_run):
     best = load_checkpoint(Path(cfg.out) / "best.pt")
     assert last["epoch"] == 3 and last["history"] == result.history
     assert best["epoch"] == result.summary["best_epoch"]
-    assert last["model"] == "era9" and last["config"] == cfg.to_dict()
+    assert last["model"] == "era9" and last["config"] == as_trained(cfg).to_dict()
 
 
 def test_checkpoint_reproduces_the_logged_test_accuracy(basic_run):

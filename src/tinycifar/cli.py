@@ -186,8 +186,10 @@ def _with_range_test_lr(cfg):
     if not cfg.quiet:
         print(f"tinycifar: learning-rate range test: peak lr {result.suggestion:.4g} ({result.rule}), "
               f"instead of the preset's {cfg.lr:g}")
-    cfg.lr_range_test = {**result.summary(), "preset_lr": cfg.lr}
+    cfg.lr_range_test = {**result.summary(), "preset_lr": cfg.lr}  # the recipe's lr for this precision
     cfg.lr = result.suggestion
+    # the suggestion is set as --lr would be: no precision table may put the recipe's lr back
+    cfg.by_precision = {p: {k: v for k, v in t.items() if k != "lr"} for p, t in cfg.by_precision.items()}
     return cfg
 
 
