@@ -4,9 +4,9 @@ Variants of one 32x32 (or --resolution) training step of the preset's network at
 autocast): channels_last against contiguous, 1 thread against all, eager against ``torch.compile``
 (Inductor's C++ code, through ``CompiledOnce`` as ``--compile`` runs it), and other batch sizes
 (``--batch-sizes``, compared per image: smaller batches keep the activations in the caches). The
-variants take turns,
-``--rounds`` times ``--steps`` steps each, and the report gives each one's median step: interleaving
-keeps the ratios honest on a machine other jobs share, where whole-process timings are not.
+variants take turns, ``--rounds`` times ``--steps`` steps each, and the report gives each one's
+median step: interleaving keeps the ratios honest on a machine other jobs share, where
+whole-process timings are not.
 The compiled variant's first step (compilation) is reported apart; run the script twice with the same
 ``TORCHINDUCTOR_CACHE_DIR`` to see a cold and a warm FX graph cache.
 

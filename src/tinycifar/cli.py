@@ -16,7 +16,7 @@ from typing import Any
 
 from . import __version__
 from .checkpoint import CheckpointError
-from .config import PRESETS, ConfigError, load_config_file, parse_assignments, resolve_config
+from .config import PRESETS, ConfigError, load_config_file, parse_assignments, resolve_config, without_keys_of
 from .data import DatasetError, classes_of
 from .data.augmix import MODES as AUGMIX_MODES
 from .data.mixing import MODES as MIX_MODES
@@ -189,7 +189,7 @@ def _with_range_test_lr(cfg):
     cfg.lr_range_test = {**result.summary(), "preset_lr": cfg.lr}  # the recipe's lr for this precision
     cfg.lr = result.suggestion
     # the suggestion is set as --lr would be: no precision table may put the recipe's lr back
-    cfg.by_precision = {p: {k: v for k, v in t.items() if k != "lr"} for p, t in cfg.by_precision.items()}
+    cfg.by_precision = {p: without_keys_of(t, {"lr": cfg.lr}) for p, t in cfg.by_precision.items()}
     return cfg
 
 
