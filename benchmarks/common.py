@@ -9,6 +9,7 @@ import platform
 import shlex
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -100,6 +101,7 @@ class SyntheticStep:
     x_raw: torch.Tensor  # normalized, not yet augmented
     y: torch.Tensor
     generator: torch.Generator  # the augmentation's, seeded
+    memory_format: torch.memory_format  # the network's, and each batch's
 
 
 def synthetic_step(preset: str, memory_format: torch.memory_format, batch_size: int | None = None) -> SyntheticStep:
@@ -121,4 +123,27 @@ def synthetic_step(preset: str, memory_format: torch.memory_format, batch_size: 
     mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
     x_raw = (train.images[: cfg.batch_size].float() / 255 - mean) / std
     y = train.labels[: cfg.batch_size]
-    return SyntheticStep(cfg, model, optimizer, criterion, x_raw, y, torch.Generator().manual_seed(0))
+    return SyntheticStep(cfg, model, optimizer, criterion, x_raw, y, torch.Generator().manual_seed(0), memory_format)
+
+
+def training_step(s: SyntheticStep, resolution: int = 32, precision: str = "fp32",
+                  net: nn.Module | None = None) -> Callable[[], None]:
+    """One training step as train_one_epoch takes it: augment, resize to ``resolution`` (progressive
+    resizing), forward under bf16 autocast or not, backward, optimizer. ``net`` stands in for
+    ``s.model`` in the forward (a compiled wrapper of it)."""
+    from tinycifar.data.augment import augment
+
+    net = net or s.model
+
+    def step() -> None:
+        x = augment(s.x_raw, s.cfg.aug, s.generator)
+        if resolution != x.shape[-1]:
+            x = nn.functional.interpolate(x, size=(resolution,) * 2, mode="bilinear", antialias=True)
+        with torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16"):
+            logits = net(x.contiguous(memory_format=s.memory_format))
+        loss = s.criterion(logits.float(), s.y)
+        s.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        s.optimizer.step()
+
+    return step

@@ -27,14 +27,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import markdown_table, synthetic_step, write_results  # noqa: E402
+from common import markdown_table, synthetic_step, training_step, write_results  # noqa: E402
 
 from tinycifar.config import resolve_config  # noqa: E402
-from tinycifar.data.augment import augment  # noqa: E402
 from tinycifar.training.train import CompiledOnce  # noqa: E402
 
 
@@ -42,20 +40,8 @@ def make_step(preset: str, resolution: int, channels_last: bool, compiled: bool,
               batch_size: int | None = None) -> Callable[[], None]:
     """One fp32 training step of the preset's network on fixed synthetic images, with its augmentation."""
     torch.manual_seed(0)  # the same initial weights in every variant
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    s = synthetic_step(preset, memory_format, batch_size)
-    net = CompiledOnce(s.model) if compiled else s.model
-
-    def step() -> None:
-        x = augment(s.x_raw, s.cfg.aug, s.generator)
-        if resolution != 32:
-            x = nn.functional.interpolate(x, size=(resolution,) * 2, mode="bilinear", antialias=True)
-        loss = s.criterion(net(x.contiguous(memory_format=memory_format)), s.y)
-        s.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        s.optimizer.step()
-
-    return step
+    s = synthetic_step(preset, torch.channels_last if channels_last else torch.contiguous_format, batch_size)
+    return training_step(s, resolution, "fp32", CompiledOnce(s.model) if compiled else None)
 
 
 def seconds(fn: Callable[[], None], steps: int = 1) -> float:

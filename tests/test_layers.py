@@ -1,12 +1,22 @@
-"""The whitening stem: its patch covariance is summed in bounded chunks and equals the all-at-once one."""
+"""The whitening stem: its patch covariance is summed in bounded chunks and equals the all-at-once one.
+The dilated depthwise convolution: our backward gives PyTorch's gradients, and only training takes it."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from tinycifar.models.layers import init_whitening, patch_covariance, patch_rows
+from tinycifar.models.layers import (
+    ConvBNAct,
+    DepthwiseSeparable,
+    DilatedDepthwiseConv2d,
+    _DilatedDepthwiseConv,
+    init_whitening,
+    patch_covariance,
+    patch_rows,
+)
 
 
 def all_at_once_covariance(images: torch.Tensor, k: int = 3) -> torch.Tensor:
@@ -66,3 +76,58 @@ def test_whitening_at_128px_allocates_one_chunk_whatever_the_sample_size():
     per_image = 126 * 126 * 27 * 4  # one image's patches, the smallest chunk there can be
     assert peaks[0] == peaks[1] <= max(budget * 27 * 4, per_image)
     assert peaks[1] < 32 * per_image / 10  # the all-at-once version held all 32 images' patches
+
+
+@pytest.mark.parametrize("kernel_size,dilation", [(3, 2), (3, 3), (5, 2)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_dilated_depthwise_backward_passes_gradcheck(kernel_size, dilation, channels_last):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 7, 6, dtype=torch.float64, generator=g)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(3, 1, kernel_size, kernel_size, dtype=torch.float64, generator=g)
+    assert torch.autograd.gradcheck(_DilatedDepthwiseConv.apply, (x.requires_grad_(), weight.requires_grad_(), dilation))
+
+
+def gradients(conv: nn.Module, x: torch.Tensor, autocast: bool) -> list[torch.Tensor]:
+    """The output and the gradients of the input and the weights for a fixed, uneven upstream gradient."""
+    x = x.detach().requires_grad_()
+    conv.weight.grad = None
+    with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+        y = conv(x)
+    y.float().backward(torch.linspace(-1, 1, y.numel()).view_as(y).sin())
+    return [y.detach().float(), x.grad, conv.weight.grad]
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_dilated_depthwise_gradients_are_pytorchs(autocast, channels_last):
+    ours = DilatedDepthwiseConv2d(16, 3, dilation=3)
+    theirs = nn.Conv2d(16, 16, 3, padding=3, dilation=3, groups=16, bias=False)
+    theirs.weight.data.copy_(ours.weight.data)
+    x = torch.randn(8, 16, 8, 8, generator=torch.Generator().manual_seed(1))
+    if channels_last:
+        x, ours, theirs = (t.to(memory_format=torch.channels_last) for t in (x, ours, theirs))
+    tolerance = 2e-2 if autocast else 1e-5  # bf16 keeps 8 bits: both round, each its own way
+    for a, b, name in zip(gradients(ours, x, autocast), gradients(theirs, x, autocast), ["output", "input", "weight"]):
+        assert a.dtype == b.dtype, name
+        assert torch.allclose(a, b, rtol=tolerance, atol=tolerance * b.abs().max().item()), name
+
+
+def test_only_training_on_the_cpu_takes_our_backward():
+    conv = DilatedDepthwiseConv2d(4, 3, dilation=2)
+    x = torch.randn(1, 4, 6, 6)
+    assert "DilatedDepthwiseConv" in conv(x).grad_fn.name()
+    with torch.no_grad():  # inference and export: nn.Conv2d's forward, nothing custom to trace
+        assert torch.equal(conv(x), nn.functional.conv2d(x, conv.weight, None, 1, 2, 2, 4))
+    conv.weight.requires_grad_(False)  # a frozen layer
+    assert "DilatedDepthwiseConv" not in conv(x.requires_grad_()).grad_fn.name()
+
+
+def test_conv_bn_act_picks_it_for_dilated_depthwise_convs_only():
+    assert type(ConvBNAct(8, 8, 3, dilation=2, groups=8)[0]) is DilatedDepthwiseConv2d
+    assert type(DepthwiseSeparable(8, 16, dilation=3)[0][0]) is DilatedDepthwiseConv2d
+    for plain in (ConvBNAct(8, 8, 3, dilation=2), ConvBNAct(8, 8, 3, groups=8), ConvBNAct(8, 8, 3, 2, 2, groups=8)):
+        assert type(plain[0]) is nn.Conv2d  # full, undilated or strided: PyTorch's backward
+    conv = ConvBNAct(8, 8, 3, dilation=2, groups=8)[0]
+    assert list(conv.state_dict()) == ["weight"] and conv.padding == (2, 2)  # checkpoints load as before
