@@ -86,7 +86,8 @@ def test_dilated_depthwise_backward_passes_gradcheck(kernel_size, dilation, chan
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     weight = torch.randn(3, 1, kernel_size, kernel_size, dtype=torch.float64, generator=g)
-    assert torch.autograd.gradcheck(_DilatedDepthwiseConv.apply, (x.requires_grad_(), weight.requires_grad_(), dilation))
+    inputs = (x.requires_grad_(), weight.requires_grad_(), dilation)
+    assert torch.autograd.gradcheck(_DilatedDepthwiseConv.apply, inputs)
 
 
 def gradients(conv: nn.Module, x: torch.Tensor, autocast: bool) -> list[torch.Tensor]:
@@ -109,7 +110,8 @@ def test_dilated_depthwise_gradients_are_pytorchs(autocast, channels_last):
     if channels_last:
         x, ours, theirs = (t.to(memory_format=torch.channels_last) for t in (x, ours, theirs))
     tolerance = 2e-2 if autocast else 1e-5  # bf16 keeps 8 bits: both round, each its own way
-    for a, b, name in zip(gradients(ours, x, autocast), gradients(theirs, x, autocast), ["output", "input", "weight"]):
+    names = ["output", "input", "weight"]
+    for a, b, name in zip(gradients(ours, x, autocast), gradients(theirs, x, autocast), names, strict=True):
         assert a.dtype == b.dtype, name
         assert torch.allclose(a, b, rtol=tolerance, atol=tolerance * b.abs().max().item()), name
 

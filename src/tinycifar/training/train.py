@@ -43,6 +43,7 @@ from ..config import ConfigError, TrainConfig, apply_precision_recipe
 from ..data import DatasetError, Split, load_cifar10, synthetic_cifar10
 from ..data.folders import load_image_folders
 from ..data.loader import DeviceLoader, channel_stats
+from ..devices import keep_freed_memory
 from ..evaluate import EvalResult, autocast_context, evaluate, evaluate_views
 from ..models import ModelError, ModelSource, build_model, count_params, init_whitening
 from ..models.registry import check_output, short_name
@@ -115,10 +116,13 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 
 def tune_backends(device: torch.device) -> None:
-    """Let cuDNN time its convolution algorithms for each input shape and keep the fastest: the shapes
-    are fixed within a phase (full batches at one resolution), so the timing is paid once per shape."""
+    """On a GPU, let cuDNN time its convolution algorithms for each input shape and keep the fastest:
+    the shapes are fixed within a phase (full batches at one resolution), so the timing is paid once
+    per shape. On the CPU, keep the memory each step frees for the next (``keep_freed_memory``)."""
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+    elif device.type == "cpu":
+        keep_freed_memory()
 
 
 @dataclass
