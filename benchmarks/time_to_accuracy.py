@@ -9,7 +9,13 @@ Training seconds until the test accuracy first reaches the target exclude evalua
 With ``--wall`` each run is the user's command, ``python -m tinycifar train --preset P --seed S``,
 timed as a whole process from spawn to exit (start-up, data loading, training, every test pass,
 TTA and checkpoint writing included); time to the target is the wall clock from spawn to the end
-of the first test pass that reached it (``finished_unix_seconds`` in metrics.csv).
+of the first test pass that reached it (``finished_unix_seconds`` in metrics.csv). ``--baseline
+SRC`` runs each seed a second time, interleaved, with the tinycifar package under SRC (the ``src``
+of a worktree of an earlier commit) first on the path: the earlier code against this checkout's on
+the same machine noise, e.g.
+
+    git worktree add ../before HEAD~2
+    python benchmarks/time_to_accuracy.py --wall --presets fast --seeds 5 --baseline ../before/src
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -48,13 +55,17 @@ def run_one(cfg: TrainConfig, seed: int, target: float, data, out_root: Path) ->
     }
 
 
-def run_process(preset: str, seed: int, target: float, out_root: Path, extra: list[str]) -> dict:
-    """The user's command for one preset and seed as a subprocess, timed from spawn to exit."""
-    out = out_root / f"{preset}-seed{seed}"
+def run_process(preset: str, seed: int, target: float, out_root: Path, extra: list[str],
+                src: str | None = None) -> dict:
+    """The user's command for one preset and seed as a subprocess, timed from spawn to exit; with
+    ``src``, the tinycifar package there is imported instead of the installed one."""
+    variant = f"{preset}@baseline" if src else preset
+    out = out_root / f"{variant}-seed{seed}"
     cmd = [sys.executable, "-m", "tinycifar", "train", "--preset", preset, "--seed", str(seed), "--out", str(out),
            "--quiet", *extra]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")]))}
     started = time.time()
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     wall = time.time() - started
     if done.returncode:
         raise SystemExit(f"{' '.join(cmd)} failed ({done.returncode}): {done.stderr.strip()[-500:]}")
@@ -64,7 +75,7 @@ def run_process(preset: str, seed: int, target: float, out_root: Path, extra: li
         tested = [r for r in csv.DictReader(f) if r["test_acc"]]
     reached = next((r for r in tested if float(r["test_acc"]) >= target), None)
     return {
-        "preset": preset, "model": config["model"], "seed": seed, "epochs": config["epochs"],
+        "preset": variant, "model": config["model"], "seed": seed, "epochs": config["epochs"],
         "wall_seconds": round(wall, 2),
         "wall_seconds_to_target": round(float(reached["finished_unix_seconds"]) - started, 2) if reached else None,
         "epoch_reached_target": int(reached["epoch"]) if reached else None,
@@ -113,7 +124,13 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/time_to_accuracy", help="JSON and Markdown path stem")
     ap.add_argument("--wall", action="store_true", help="time each run as a whole `tinycifar train` process")
     ap.add_argument("--keep", default=None, help="with --wall: keep the run folders under this folder")
+    ap.add_argument("--baseline", default=None, metavar="SRC",
+                    help="with --wall and one preset: also run each seed with the tinycifar package under SRC")
     args = ap.parse_args()
+    if args.baseline and not (args.wall and len(args.presets) == 1):
+        ap.error("--baseline compares two codes on one preset: give --wall and one --presets")
+    if args.baseline and not (Path(args.baseline) / "tinycifar" / "__init__.py").is_file():
+        ap.error(f"--baseline {args.baseline}: expected a folder holding the tinycifar package (a checkout's src)")
     if args.wall:
         return main_wall(args)
 
@@ -165,11 +182,13 @@ def main_wall(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.keep) if args.keep else Path(tmp)
         for seed in range(args.first_seed, args.first_seed + args.seeds):
-            for preset in args.presets:  # interleaved: both presets see the same machine noise
-                row = run_process(preset, seed, args.target, root, extra)
-                print(json.dumps(row), flush=True)
-                rows.append(row)
-    table, ratio = wall_report(rows, args.presets, args.target)
+            for preset in args.presets:  # interleaved: both presets (or codes) see the same machine noise
+                for src in ([args.baseline] if args.baseline else []) + [None]:
+                    row = run_process(preset, seed, args.target, root, extra, src)
+                    print(json.dumps(row), flush=True)
+                    rows.append(row)
+    variants = list(dict.fromkeys(r["preset"] for r in rows))
+    table, ratio = wall_report(rows, variants, args.target)
     body = ["wall = spawn to exit of `python -m tinycifar train --preset P --seed S` (start-up, data, training, "
             "test passes, TTA, checkpoints). wall to target = spawn to the end of the first test pass at or above "
             "the target. train_seconds = training steps only.", "", "## Per seed", "",
@@ -180,8 +199,15 @@ def main_wall(args: argparse.Namespace) -> None:
                                    "mean_final_acc", "min_final_acc", "max_final_acc", "mean_final_acc_tta",
                                    "min_final_acc_tta", "median_train_seconds"])]
     if ratio:
-        body += ["", f"Ratio of median wall clock to {args.target:g}%, {args.presets[1]} / {args.presets[0]}: "
-                 f"**{ratio:.1f}x**"]
+        body += ["", f"Ratio of median wall clock to {args.target:g}%, {variants[1]} / {variants[0]}: "
+                 f"**{ratio:.2f}x**"]
+    if len(table) == 2:
+        body += ["", f"Ratio of medians, {variants[1]} / {variants[0]}: wall clock "
+                 f"**{table[1]['median_wall_seconds'] / table[0]['median_wall_seconds']:.3f}x**, training "
+                 f"{table[1]['median_train_seconds'] / table[0]['median_train_seconds']:.3f}x"]
+    if args.baseline:
+        body += ["", f"`{args.presets[0]}@baseline`: the tinycifar package under `{args.baseline}`; "
+                 f"`{args.presets[0]}`: this checkout's."]
     write_results(args.out, f"Whole-process wall clock: `tinycifar train`, final accuracy and time to {args.target:g}%",
                   body, target=args.target, runs=rows, summary=table, ratio_second_over_first=ratio)
 
