@@ -124,6 +124,19 @@ def test_only_training_on_the_cpu_takes_our_backward():
         assert torch.equal(conv(x), nn.functional.conv2d(x, conv.weight, None, 1, 2, 2, 4))
     conv.weight.requires_grad_(False)  # a frozen layer
     assert "DilatedDepthwiseConv" not in conv(x.requires_grad_()).grad_fn.name()
+    conv.weight.requires_grad_(True)
+    assert "DilatedDepthwiseConv" not in conv.eval()(x).grad_fn.name()  # an exported model: eval, grads on
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_a_traced_dilated_depthwise_conv_is_a_plain_convolution(training):
+    """export --format torchscript traces with gradients on; the trace's own check compares it with
+    a second trace under no_grad, which fails if the first recorded our autograd function."""
+    conv = DilatedDepthwiseConv2d(4, 3, dilation=2).train(training)
+    x = torch.randn(2, 4, 6, 6)
+    traced = torch.jit.trace(conv, x)  # check_trace=True by default
+    assert "PythonOp" not in str(traced.graph)
+    assert torch.allclose(traced(x), nn.functional.conv2d(x, conv.weight, None, 1, 2, 2, 4), atol=1e-6)
 
 
 def test_conv_bn_act_picks_it_for_dilated_depthwise_convs_only():

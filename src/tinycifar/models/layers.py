@@ -63,9 +63,16 @@ class DilatedDepthwiseConv2d(nn.Conv2d):
                          groups=channels, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cpu" and torch.is_grad_enabled() and self.weight.requires_grad:
+        if self._trains_on_the_cpu(x):
             return _DilatedDepthwiseConv.apply(x, self.weight, self.dilation[0])
         return super().forward(x)
+
+    def _trains_on_the_cpu(self, x: torch.Tensor) -> bool:
+        """Only a CPU training step takes our backward: evaluation, inference and export (an eval-mode
+        model, even with gradients on; a trace, which cannot hold a Python autograd function) run
+        nn.Conv2d's forward, so what they record is a plain convolution."""
+        return (self.training and x.device.type == "cpu" and torch.is_grad_enabled()
+                and self.weight.requires_grad and not torch.jit.is_tracing())
 
 
 class ConvBNAct(nn.Sequential):
