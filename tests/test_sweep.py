@@ -22,6 +22,8 @@ import pytest
 from cli_helpers import one_line, run_main
 from optuna.trial import TrialState
 
+from tinycifar.config import ConfigError
+from tinycifar.training import sweep
 from tinycifar.training.sweep import load_sweep, run_sweep
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -191,6 +193,30 @@ def test_an_unreachable_storage_is_one_line(tmp_path, capsys):
     rc, _, err = run_main(capsys, ["sweep", path, "--out", tmp_path / "out", "--storage",
                                    f"postgresql://nobody@127.0.0.1:{port}/none"])
     one_line(rc, err, "--storage postgresql://nobody@127.0.0.1", "cannot open")
+
+
+@pytest.mark.parametrize("message, races", [
+    ('relation "studies" already exists', True),  # PostgreSQL: the other worker created the schema first
+    ("permission denied for schema public", False),
+])
+def test_a_worker_that_loses_the_postgresql_schema_race_tries_again(tmp_path, monkeypatch, message, races):
+    from sqlalchemy.exc import ProgrammingError
+    calls = []
+
+    def storage(url, **kwargs):
+        calls.append(url)
+        if len(calls) == 1:
+            raise ProgrammingError("CREATE TABLE studies", {}, Exception(message))
+        return "opened"
+
+    monkeypatch.setattr(optuna.storages, "RDBStorage", storage)
+    monkeypatch.setattr(sweep.time, "sleep", lambda s: None)
+    if races:
+        assert sweep.storage_for("postgresql://db/sweeps", tmp_path) == "opened" and len(calls) == 2
+    else:
+        with pytest.raises(ConfigError, match="--storage postgresql://db/sweeps: cannot open.*permission denied"):
+            sweep.storage_for("postgresql://db/sweeps", tmp_path)
+        assert len(calls) == 1
 
 
 def test_the_readme_example_file_is_valid():

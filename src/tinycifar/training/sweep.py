@@ -167,13 +167,22 @@ def storage_for(url: str | None, out: Path):
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 return optuna.storages.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=60, grace_period=180)
         except Exception as e:  # noqa: BLE001 - a wrong URL or an unreachable server fails in many ways
-            # two workers starting together both create the schema; the loser sees it made on a second try
-            racing = type(e).__name__ in ("IntegrityError", "OperationalError") and "connect" not in str(e).lower()
-            if not racing or attempt == 4:
+            if not _lost_the_schema_race(e) or attempt == 4:
                 first = (str(e).splitlines() or [""])[0]
                 raise ConfigError(f"--storage {url}: cannot open ({type(e).__name__}: {first})") from None
             time.sleep(0.5 * (attempt + 1))
     raise AssertionError("unreachable")
+
+
+def _lost_the_schema_race(e: Exception) -> bool:
+    """Two workers starting together both create the schema, and the loser's CREATE fails: SQLite
+    says IntegrityError or OperationalError (locked), PostgreSQL ProgrammingError (DuplicateTable,
+    'relation "studies" already exists'). A second try finds the schema made. A refused connection,
+    a wrong database or password is not a race."""
+    name, text = type(e).__name__, str(e).lower()
+    if name == "ProgrammingError":
+        return "already exists" in text
+    return name in ("IntegrityError", "OperationalError") and "connect" not in text
 
 
 def median_pruner(spec: SweepSpec):
