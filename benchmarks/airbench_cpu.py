@@ -33,6 +33,7 @@ import types
 from pathlib import Path
 
 import torch
+from common import require_airbench
 from torch import nn
 
 from tinycifar.training.train import resolve_precision
@@ -104,6 +105,7 @@ def main() -> None:
     ap.add_argument("--until", type=float, default=None, metavar="ACC",
                     help="end after the first per-epoch evaluation at or above ACC percent (no final TTA pass)")
     args = ap.parse_args()
+    require_airbench("airbench_cpu.py")
     if args.threads:
         torch.set_num_threads(args.threads)
 

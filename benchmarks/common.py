@@ -21,6 +21,29 @@ if TYPE_CHECKING:
     from tinycifar.config import TrainConfig
 
 
+def kernel_isa() -> tuple[str, str]:
+    """The instruction sets the kernels run with: ATen's and oneDNN's cap ("native" when not capped;
+    ``ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2`` approximates an AVX2-only CPU)."""
+    return torch.backends.cpu.get_cpu_capability(), os.environ.get("ONEDNN_MAX_CPU_ISA", "native")
+
+
+def recipe_batch_size(preset: str, precision: str) -> int:
+    """The batch a preset trains at in a precision (its ``by_precision`` table may change it)."""
+    from tinycifar.config import apply_precision_recipe, resolve_config
+
+    cfg = resolve_config(preset)
+    apply_precision_recipe(cfg, precision)
+    return cfg.batch_size
+
+
+def require_airbench(prog: str) -> None:
+    """Exit with one line, before anything runs, where airbench (a benchmark-only dependency) is missing."""
+    import importlib.util
+
+    if importlib.util.find_spec("airbench") is None:
+        sys.exit(f"{prog}: airbench is not installed: pip install airbench==0.1.8 --no-deps")
+
+
 def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:

@@ -16,7 +16,6 @@ convolution of the network alone (forward and backward, at its map size at that 
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
@@ -28,7 +27,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import markdown_table, synthetic_step, training_step, write_results  # noqa: E402
+from common import kernel_isa, markdown_table, recipe_batch_size, synthetic_step, training_step, write_results  # noqa: E402
 
 from tinycifar.models.layers import DilatedDepthwiseConv2d  # noqa: E402
 
@@ -116,13 +115,9 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/dilated_depthwise")
     args = ap.parse_args()
     if args.batch_size is None:
-        from tinycifar.config import apply_precision_recipe, resolve_config
-
-        cfg = resolve_config(args.preset)
-        apply_precision_recipe(cfg, args.precision)
-        args.batch_size = cfg.batch_size
+        args.batch_size = recipe_batch_size(args.preset, args.precision)
     rows = measure(args)
-    isa = torch.backends.cpu.get_cpu_capability(), os.environ.get("ONEDNN_MAX_CPU_ISA", "native")
+    isa = kernel_isa()
     body = [f"{args.precision}, {args.preset} network, batch {args.batch_size}, channels_last; ATen kernels "
             f"{isa[0]}, oneDNN ISA {isa[1]}; {args.rounds} interleaved rounds; {args.steps} steps each "
             "(a layer: forward + backward of a random batch, 10 each); ratio: ours / PyTorch's.", "",

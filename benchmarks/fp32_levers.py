@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import markdown_table, synthetic_step, training_step, write_results  # noqa: E402
+from common import kernel_isa, markdown_table, synthetic_step, training_step, write_results  # noqa: E402
 
 from tinycifar.config import resolve_config  # noqa: E402
 from tinycifar.training.train import CompiledOnce  # noqa: E402
@@ -88,7 +88,7 @@ def main() -> None:
              "vs_channels_last_eager": round(statistics.median(t) / b / baseline, 3),
              "first_step_s": round(first_step[layout], 1) if mode == "compiled" else None}
             for (layout, mode, n, b), t in times.items()]
-    isa = torch.backends.cpu.get_cpu_capability(), os.environ.get("ONEDNN_MAX_CPU_ISA", "native")
+    isa = kernel_isa()
     body = [f"fp32, {args.preset} network, batch {batch} unless said, "
             f"{args.resolution}x{args.resolution}; ATen kernels {isa[0]}, oneDNN ISA {isa[1]}; "
             f"{args.rounds} interleaved rounds of {args.steps} steps; vs_channels_last_eager: per image; "

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import statistics
 import subprocess
@@ -25,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import markdown_table, synthetic_step, training_step, write_results  # noqa: E402
+from common import kernel_isa, markdown_table, recipe_batch_size, synthetic_step, training_step, write_results  # noqa: E402
 
 VARIANTS = ("glibc default", "kept")
 
@@ -57,11 +56,7 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/page_faults")
     args = ap.parse_args()
     if args.batch_size is None:
-        from tinycifar.config import apply_precision_recipe, resolve_config
-
-        cfg = resolve_config(args.preset)
-        apply_precision_recipe(cfg, args.precision)
-        args.batch_size = cfg.batch_size
+        args.batch_size = recipe_batch_size(args.preset, args.precision)
     if args.child:
         return child(args)
     results: dict[str, list[dict]] = {v: [] for v in VARIANTS}
@@ -74,7 +69,7 @@ def main() -> None:
              "median_faults_per_step": round(statistics.median(r["faults"] for r in runs)),
              "steps_ms": ", ".join(f"{r['step_ms']:.0f}" for r in runs)} for v, runs in results.items()]
     rows[1]["ratio"] = round(rows[1]["median_step_ms"] / rows[0]["median_step_ms"], 3)
-    isa = torch.backends.cpu.get_cpu_capability(), os.environ.get("ONEDNN_MAX_CPU_ISA", "native")
+    isa = kernel_isa()
     body = [f"{args.precision}, {args.preset} network, batch {args.batch_size}, {args.resolution}x{args.resolution}, "
             f"channels_last; ATen kernels {isa[0]}, oneDNN ISA {isa[1]}; {args.rounds} rounds of one process per "
             f"variant, each {args.warmup} warm-up steps then {args.steps} timed.", "",

@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import markdown_table, write_results  # noqa: E402
+from common import markdown_table, require_airbench, write_results  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
@@ -90,6 +90,7 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for our run")
     ap.add_argument("--out", default="benchmarks/results/vs_airbench")
     args = ap.parse_args()
+    require_airbench("vs_airbench.py")
     extra = [a for kv in args.set for a in ("--set", kv)] + (["--data", args.data] if args.data else [])
     extra += ["--precision", args.precision]
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,9 +1,11 @@
-"""The benchmarks' shared pieces: a result names the kernel variables it ran under, and the airbench
-adapter stops at its target after logging the evaluation that reached it."""
+"""The benchmarks' shared pieces: a result names the kernel variables it ran under, the step
+benchmarks time the recipe's batch and run end to end, and the airbench adapter stops at its target
+after logging the evaluation that reached it."""
 
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 import types
 from pathlib import Path
@@ -15,6 +17,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import airbench_cpu  # noqa: E402
 import common  # noqa: E402
 
+from tinycifar.config import resolve_config  # noqa: E402
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
 
 def test_the_command_line_carries_the_variables_that_choose_the_kernels(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["benchmarks/vs_airbench.py", "--out", "x"])
@@ -24,6 +30,47 @@ def test_the_command_line_carries_the_variables_that_choose_the_kernels(monkeypa
     monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
     assert common.command_line().split()[:2] == ["ATEN_CPU_CAPABILITY=avx2", "ONEDNN_MAX_CPU_ISA=AVX2"]
+
+
+def test_results_name_the_instruction_sets_the_kernels_ran_with(monkeypatch):
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    assert common.kernel_isa()[1] == "native"
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert common.kernel_isa()[1] == "AVX2"
+
+
+def test_the_step_benchmarks_time_the_batch_each_precision_trains_at():
+    fast = resolve_config("fast")
+    assert common.recipe_batch_size("fast", "bf16") == fast.batch_size
+    assert common.recipe_batch_size("fast", "fp32") == fast.by_precision["fp32"]["batch_size"] != fast.batch_size
+
+
+@pytest.mark.parametrize("script, args, parts", [
+    ("dilated_depthwise.py", ["--resolutions", "20", "--rounds", "1", "--steps", "1"],
+     ["training step, 20x20", "layer: 96 channels, 5x5, dilation 3"]),
+    ("page_faults.py", ["--rounds", "1", "--warmup", "1", "--steps", "1", "--batch-size", "16"],
+     ["glibc default", "kept"]),
+    ("fp32_levers.py", ["--rounds", "1", "--steps", "1", "--no-compile", "--resolution", "16"],
+     ["channels_last", "contiguous"]),
+])
+def test_the_step_benchmarks_run_end_to_end(tmp_path, script, args, parts):
+    """Each writes its Markdown and JSON with a row per part, measured (a few seconds: one step each)."""
+    out = tmp_path / "result"
+    subprocess.run([sys.executable, str(BENCHMARKS / script), *args, "--out", str(out)], check=True,
+                   capture_output=True, text=True, timeout=300)
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert all(part in json.dumps(rows) for part in parts)
+    timings = [v for r in rows for k, v in r.items() if k.endswith("_ms") and not isinstance(v, str)]
+    assert timings and all(v > 0 for v in timings)
+    assert out.with_suffix(".md").read_text().startswith("# ")
+
+
+def test_a_missing_airbench_is_one_line_before_anything_runs(monkeypatch):
+    import importlib.util
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(SystemExit, match=r"^vs_airbench.py: airbench is not installed: pip install airbench==0.1.8"):
+        common.require_airbench("vs_airbench.py")
 
 
 def test_airbench_stops_after_logging_its_first_evaluation_at_the_target(tmp_path):
