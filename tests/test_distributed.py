@@ -29,8 +29,10 @@ pytestmark = pytest.mark.slow
 
 N_TRAIN, BATCH, EPOCHS = 614, 40, 3
 N_TEST = N_TRAIN // 4
+# freeze_stem_after=1: DDP must be rebuilt when a parameter stops training mid-run
 ARGS = ["--dataset", "synthetic", "--set", f"synthetic_size={N_TRAIN}", "--set", "dropout=0.0",
-        "--epochs", str(EPOCHS), "--batch-size", str(BATCH), "--lr", "0.1", "--schedule", "constant",
+        "--set", "freeze_stem_after=1", "--epochs", str(EPOCHS), "--batch-size", str(BATCH), "--lr", "0.1",
+        "--schedule", "constant",
         "--aug", "none", "--precision", "fp32", "--device", "cpu", "--threads", "1", "--eval-every", "1"]
 
 

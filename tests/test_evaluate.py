@@ -9,6 +9,7 @@ from tinycifar.data import synthetic_cifar10
 from tinycifar.data.loader import DeviceLoader, channel_stats
 from tinycifar.evaluate import (
     calibration_bins,
+    eval_batch_size,
     evaluate,
     evaluate_views,
     expected_calibration_error,
@@ -35,6 +36,21 @@ def test_views_give_the_tta_and_the_plain_result_at_once(setting, tta):
     assert torch.equal(plain.confusion, alone.confusion)
     assert with_tta.correct == evaluate(model, loader, "fp32", tta=tta).correct
     assert with_tta.total == plain.total == 120
+
+
+def test_test_passes_take_cache_sized_batches_on_a_cpu_and_large_ones_on_a_gpu():
+    assert eval_batch_size(torch.device("cpu")) == 250
+    assert eval_batch_size(torch.device("cuda", 0)) == 1000
+
+
+def test_the_result_does_not_depend_on_the_batch():
+    torch.manual_seed(0)
+    _, test = synthetic_cifar10(40, 120)
+    mean, std = channel_stats(test.images)
+    model = create_model("fastnet").eval()
+    results = [evaluate(model, DeviceLoader(test, batch, mean, std, train=False), tta="flip") for batch in (120, 50)]
+    assert results[0].correct == results[1].correct and torch.equal(results[0].confusion, results[1].confusion)
+    assert results[0].loss == pytest.approx(results[1].loss, rel=1e-5)
 
 
 def test_view_counts():

@@ -522,6 +522,62 @@ def test_whitening_stem_is_frozen_and_whitens_training_patches(tmp_path):
     assert all(torch.equal(w, torch.ones_like(w)) for w in bn_scales)
 
 
+def stem_norms(checkpoint: Path) -> tuple[nn.BatchNorm2d, nn.BatchNorm2d]:
+    """The trained weights' (not the moving average's) batch norm after the whitening stem, and the next one."""
+    state = load_checkpoint(checkpoint)
+    model = create_model(state["model"], **state["model_kwargs"])
+    model.load_state_dict(state["model_state"])
+    first, second = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)][:2]
+    return first, second
+
+
+def test_a_stem_frozen_from_the_start_keeps_its_norm_and_backward_never_reaches_it(tmp_path):
+    result = train(quick_cfg(tmp_path / "run", model="fastnet", epochs=1, whiten_stem=True, freeze_stem_after=0))
+    stem_norm, next_norm = stem_norms(result.run_dir / "last.pt")
+    assert torch.equal(stem_norm.weight, torch.ones(32)) and torch.equal(stem_norm.bias, torch.zeros(32))
+    assert not torch.equal(next_norm.bias, torch.zeros_like(next_norm.bias))  # the layer after it trained
+    assert stem_norm.running_var.ne(1).all()  # it still normalizes by the batch, so its statistics run
+
+    cfg = quick_cfg(tmp_path / "unused", model="fastnet", whiten_stem=True, freeze_stem_after=0)
+    net = create_model("fastnet")
+    train_split, _ = synthetic_cifar10(256, 10, seed=0)
+    train_mod.prepare_model(net, cfg, train_split, [0.5] * 3, [0.25] * 3)
+    assert not net.features[0][0](torch.randn(2, 3, 32, 32)).requires_grad  # no backward through 32x32 maps
+    assert net.features[0][1](torch.randn(2, 32, 32, 32)).requires_grad
+
+
+def test_a_stem_frozen_after_an_epoch_trains_in_that_epoch_only_and_resumes_exactly(tmp_path, monkeypatch):
+    frozen_after_one = dict(model="fastnet", epochs=2, whiten_stem=True, freeze_stem_after=1)
+    full = train(quick_cfg(tmp_path / "full", **frozen_after_one))
+    real = train_mod.write_metrics_csv
+
+    def stop_after_epoch_1(path, history):
+        real(path, history)
+        raise Stop  # after last.pt of epoch 1 is on disk
+
+    monkeypatch.setattr(train_mod, "write_metrics_csv", stop_after_epoch_1)
+    with pytest.raises(Stop):
+        train(quick_cfg(tmp_path / "cut", **frozen_after_one))
+    monkeypatch.setattr(train_mod, "write_metrics_csv", real)
+    after_one, after_two = stem_norms(tmp_path / "cut" / "last.pt"), stem_norms(full.run_dir / "last.pt")
+    assert not torch.equal(after_one[0].bias, torch.zeros(32))  # epoch 1 trained the stem's norm
+    assert torch.equal(after_two[0].bias, after_one[0].bias) and torch.equal(after_two[0].weight, after_one[0].weight)
+    assert not torch.equal(after_two[1].bias, after_one[1].bias)  # epoch 2 trained the rest
+
+    resumed = train(train_mod.resume_config(tmp_path / "cut", {"quiet": True}))
+    assert without_timing(resumed.history) == without_timing(full.history)
+    a, b = load_checkpoint(tmp_path / "cut" / "last.pt"), load_checkpoint(full.run_dir / "last.pt")
+    assert all(torch.equal(a["model_state"][k], b["model_state"][k]) for k in b["model_state"])
+
+
+def test_freezing_the_stem_without_a_whitening_stem_freezes_nothing(tmp_path):
+    """A preset's table may freeze the stem of a run whose config turned the whitening off: then the
+    first layer learns, as it must without fixed filters."""
+    result = train(quick_cfg(tmp_path / "run", model="fastnet", epochs=1, whiten_stem=False, freeze_stem_after=0))
+    stem_norm, _ = stem_norms(result.run_dir / "last.pt")
+    assert not torch.equal(stem_norm.bias, torch.zeros(32))
+
+
 def test_progressive_resizing_trains_the_first_epochs_at_low_resolution(tmp_path, monkeypatch):
     seen = []
     original = DeviceLoader.__iter__

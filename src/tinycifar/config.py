@@ -65,6 +65,7 @@ class TrainConfig:
     low_res: int = 0  # progressive resizing: train the first epochs at low_res x low_res (0 = off)
     low_res_fraction: float = 0.5  # share of the epochs trained at low_res
     whiten_stem: bool = False  # first conv = frozen whitening of training patches (airbench)
+    freeze_stem_after: int = -1  # with whiten_stem: epochs before its batch norm freezes too (-1 never)
     schedule: str = "onecycle"  # onecycle | cosine | step | constant
     warmup_epochs: float = 0.0
     pct_start: float = 0.25  # one-cycle: share of the run spent rising
@@ -128,7 +129,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         optimizer="sgd", lr=0.175, nesterov=True, weight_decay=5e-4, schedule="onecycle",
         pct_start=0.25, norm_bias_lr_scale=4.0, label_smoothing=0.1, whiten_stem=True, low_res=20,
         low_res_fraction=0.34, ema_decay=0.99, eval_every=0, tta=True, tta_views="flip",
-        by_precision={"fp32": dict(batch_size=128, lr=0.12, low_res_fraction=0.5, aug=dict(alternate_flip=True))},
+        by_precision={"fp32": dict(batch_size=128, lr=0.12, low_res_fraction=0.5, freeze_stem_after=3,
+                                   aug=dict(alternate_flip=True))},
     ),
     # Accuracy under 200k parameters in about 67 minutes of 2 CPU threads (issue 17): a
     # ResNet-style network with squeeze-and-excitation in its 8x8 blocks (slimres200k_se) and
@@ -385,3 +387,5 @@ def validate(cfg: TrainConfig) -> None:
          cfg.eval_every)
     need(cfg.low_res == 0 or 8 <= cfg.low_res <= 32, "low_res", "0 (off) or a size in 8..32", cfg.low_res)
     need(0 <= cfg.low_res_fraction <= 1, "low_res_fraction", "a number in [0, 1]", cfg.low_res_fraction)
+    need(cfg.freeze_stem_after >= -1, "freeze_stem_after", "-1 (never), 0 (from the start) or a number of epochs",
+         cfg.freeze_stem_after)

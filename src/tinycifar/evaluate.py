@@ -18,6 +18,13 @@ TTA_MODES = ("none", "flip", "flip+translate")
 CALIBRATION_BINS = 15  # equal-width confidence bins, the usual choice for ECE (Guo et al., 2017)
 
 
+def eval_batch_size(device: torch.device) -> int:
+    """Test images a forward pass takes: on a CPU 250, whose activations stay in the caches (a flip-TTA
+    pass over 10,000 images took 5.7 s against 9.8 s at 1000 on a 2-core Zen 3, fp32); on a GPU
+    1000, as many as fill it without costing memory that training needs."""
+    return 250 if device.type == "cpu" else 1000
+
+
 def calibration_bins(probs: torch.Tensor, labels: torch.Tensor, bins: int = CALIBRATION_BINS) -> torch.Tensor:
     """(3, bins): per confidence bin, the number of predictions, their summed confidence (the top
     softmax probability) and how many were right. Sums, so that batches and ranks add up."""
