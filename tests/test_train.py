@@ -420,8 +420,9 @@ def test_training_steps_read_nothing_back_from_the_device(tmp_path, monkeypatch,
     assert "Batch_id=23 " in capsys.readouterr().err  # the bar shows the last step
 
 
-def test_ema_run_resumes_exactly(tmp_path, monkeypatch):
-    full = train(quick_cfg(tmp_path / "full", epochs=3, ema_decay=0.8))
+def train_whole_and_cut_after_epoch_1(tmp_path: Path, monkeypatch, **options):
+    """The run whole in tmp_path/full (returned), and stopped in tmp_path/cut once epoch 1's last.pt is on disk."""
+    full = train(quick_cfg(tmp_path / "full", **options))
     real = train_mod.write_metrics_csv
 
     def stop_after_epoch_1(path, history):
@@ -430,8 +431,13 @@ def test_ema_run_resumes_exactly(tmp_path, monkeypatch):
 
     monkeypatch.setattr(train_mod, "write_metrics_csv", stop_after_epoch_1)
     with pytest.raises(Stop):
-        train(quick_cfg(tmp_path / "cut", epochs=3, ema_decay=0.8))
+        train(quick_cfg(tmp_path / "cut", **options))
     monkeypatch.setattr(train_mod, "write_metrics_csv", real)
+    return full
+
+
+def test_ema_run_resumes_exactly(tmp_path, monkeypatch):
+    full = train_whole_and_cut_after_epoch_1(tmp_path, monkeypatch, epochs=3, ema_decay=0.8)
     assert load_checkpoint(tmp_path / "cut" / "last.pt")["epoch"] == 1
     resumed = train(train_mod.resume_config(tmp_path / "cut", {"quiet": True}))
     assert without_timing(resumed.history) == without_timing(full.history)
@@ -547,18 +553,8 @@ def test_a_stem_frozen_from_the_start_keeps_its_norm_and_backward_never_reaches_
 
 
 def test_a_stem_frozen_after_an_epoch_trains_in_that_epoch_only_and_resumes_exactly(tmp_path, monkeypatch):
-    frozen_after_one = dict(model="fastnet", epochs=2, whiten_stem=True, freeze_stem_after=1)
-    full = train(quick_cfg(tmp_path / "full", **frozen_after_one))
-    real = train_mod.write_metrics_csv
-
-    def stop_after_epoch_1(path, history):
-        real(path, history)
-        raise Stop  # after last.pt of epoch 1 is on disk
-
-    monkeypatch.setattr(train_mod, "write_metrics_csv", stop_after_epoch_1)
-    with pytest.raises(Stop):
-        train(quick_cfg(tmp_path / "cut", **frozen_after_one))
-    monkeypatch.setattr(train_mod, "write_metrics_csv", real)
+    full = train_whole_and_cut_after_epoch_1(tmp_path, monkeypatch, model="fastnet", epochs=2, whiten_stem=True,
+                                             freeze_stem_after=1)
     after_one, after_two = stem_norms(tmp_path / "cut" / "last.pt"), stem_norms(full.run_dir / "last.pt")
     assert not torch.equal(after_one[0].bias, torch.zeros(32))  # epoch 1 trained the stem's norm
     assert torch.equal(after_two[0].bias, after_one[0].bias) and torch.equal(after_two[0].weight, after_one[0].weight)

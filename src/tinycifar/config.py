@@ -119,11 +119,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     # flip + translate, an evaluated EMA of the weights; six epochs, one test pass at the end (each
     # per-epoch pass cost 1.7 s) that also scores flip TTA from the same forward passes.
     # bf16 + channels_last. Where the CPU has no fast bf16 (--precision auto resolves to fp32: AVX2-only
-    # CPUs such as AMD Zen 3 and most Intel laptops) a step costs about 3x more, and the fp32 kernels
-    # differ: batch 128 runs 11-15% faster per image than 256 (its activations stay in the caches;
-    # 64 is slower again, per-batch costs) and its twice as many steps learn more per epoch, which pays
-    # for a third epoch at 20x20 (0.4x a 32x32 one) with airbench's free alternating flips; lr 0.12
-    # for batch 128 (square-root scaling of 0.175). benchmarks/README.md, "Speed III", has the runs.
+    # CPUs such as AMD Zen 3 and most Intel laptops) a step costs about 3x more. There batch 128's
+    # twice as many steps learn more per epoch, which pays for a third epoch at 20x20 (0.4x a 32x32
+    # one) with airbench's free alternating flips; lr 0.12 for batch 128 (square-root scaling of
+    # 0.175); and the stem's batch norm stops training after those epochs, so that backward never
+    # reaches the 32x32 maps (a step 0.90x). benchmarks/README.md, "Speed III" to "Speed V", has the runs.
     "fast": dict(
         model="fastnet", epochs=6, batch_size=256, aug=dict(policy="fast", cutout_size=0),
         optimizer="sgd", lr=0.175, nesterov=True, weight_decay=5e-4, schedule="onecycle",
