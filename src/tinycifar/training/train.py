@@ -207,7 +207,7 @@ def prepare_model(model: nn.Module, cfg: TrainConfig, train_split: Split, mean: 
                   std: list[float]) -> None:
     """Apply the recipe's surgery: a frozen whitening stem (and its batch norm), frozen batch-norm scales."""
     if cfg.whiten_stem:
-        stem = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+        stem = first_conv(model)
         if stem is None or stem.in_channels != 3:
             raise ConfigError(f"whiten_stem: {cfg.model} has no first convolution on the 3 image channels to "
                               "whiten; pass --set whiten_stem=false")
@@ -228,14 +228,19 @@ def prepare_model(model: nn.Module, cfg: TrainConfig, train_split: Split, mean: 
                 m.weight.requires_grad_(False)
 
 
+def first_conv(model: nn.Module) -> nn.Conv2d | None:
+    """The convolution that the whitening stem takes over: the network's first."""
+    return next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+
+
 def freeze_stem_norm(model: nn.Module) -> bool:
     """Freeze the batch norm right after the (whitened, frozen) first convolution; it still normalizes
     by the batch. With nothing before it to train, backward stops at the second layer's weights and
-    never touches the largest maps: a 32x32 fp32 step at batch 128 costs 0.90x on a Zen 3 (airbench freezes its
-    whitening layer too). Returns whether the norm trained until now."""
+    never touches the largest maps: a 32x32 fp32 step at batch 128 costs 0.90x on a Zen 3 (airbench
+    freezes its whitening layer too). Returns whether the norm trained until now."""
     modules = list(model.modules())
-    stem = next(i for i, m in enumerate(modules) if isinstance(m, nn.Conv2d))
-    norm = next((m for m in modules[stem + 1:] if isinstance(m, (nn.Conv2d, nn.modules.batchnorm._BatchNorm))), None)
+    after_stem = modules[modules.index(first_conv(model)) + 1:]
+    norm = next((m for m in after_stem if isinstance(m, (nn.Conv2d, nn.modules.batchnorm._BatchNorm))), None)
     if not isinstance(norm, nn.modules.batchnorm._BatchNorm) or not any(p.requires_grad for p in norm.parameters()):
         return False  # the stem feeds a trained layer straight away, or its norm is frozen already
     for p in norm.parameters():
