@@ -21,6 +21,7 @@ from tinycifar.data.corruptions import (  # noqa: E402
     parse_corruptions,
     parse_severities,
 )
+from tinycifar.evaluate import eval_batch_size  # noqa: E402
 
 # corruptions whose CIFAR-10-C parameters grow in strength with the severity in a way the mean
 # pixel change shows; glass blur, elastic transform and frost trade one parameter against another
@@ -114,3 +115,22 @@ def test_eval_corruptions_command_and_report(tmp_path, capsys):
     rc, _, err = run_main(capsys, ["eval", "--checkpoint", run / "best.pt", "--corruptions", "all",
                                    "--severities", "7"])
     one_line(rc, err, "--severities")
+
+
+def test_corruption_passes_take_the_devices_evaluation_batch_unless_told(monkeypatch):
+    from tinycifar.models import create_model
+    from tinycifar.reports import robustness
+
+    seen, real = [], robustness.DeviceLoader
+
+    def spy(split, batch_size, *args, **kwargs):
+        seen.append(batch_size)
+        return real(split, batch_size, *args, **kwargs)
+
+    monkeypatch.setattr(robustness, "DeviceLoader", spy)
+    _, test = synthetic_cifar10(16, 300, seed=0)
+    model, cpu = create_model("fastnet").eval(), torch.device("cpu")
+    for batch_size in (None, 64):  # the clean set, then the one corruption
+        robustness.evaluate_corruptions(model, test, [0.5] * 3, [0.25] * 3, ["contrast"], [1], cpu,
+                                        batch_size=batch_size)
+    assert seen == [eval_batch_size(cpu)] * 2 + [64] * 2 and eval_batch_size(cpu) == 250

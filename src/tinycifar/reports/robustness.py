@@ -19,7 +19,7 @@ from torch import nn
 from ..data import Split
 from ..data.corruptions import cached_corruption
 from ..data.loader import DeviceLoader
-from ..evaluate import evaluate
+from ..evaluate import eval_batch_size, evaluate
 
 
 @dataclass
@@ -51,11 +51,12 @@ class CorruptionReport:
 
 def evaluate_corruptions(model: nn.Module, test: Split, mean: list[float], std: list[float], names: list[str],
                          severities: list[int], device: torch.device, precision: str = "fp32", seed: int = 0,
-                         batch_size: int = 1000, progress=None) -> CorruptionReport:
-    """Accuracy on the clean test set and on each corrupted copy of it."""
+                         batch_size: int | None = None, progress=None) -> CorruptionReport:
+    """Accuracy on the clean test set and on each corrupted copy of it, ``batch_size`` images a pass
+    (by default the device's, ``eval_batch_size``, as ``tinycifar eval`` passes)."""
     def accuracy(images: torch.Tensor) -> float:
-        loader = DeviceLoader(Split(images, test.labels, test.classes), batch_size, mean, std, device, train=False,
-                              channels_last=True)
+        loader = DeviceLoader(Split(images, test.labels, test.classes), batch_size or eval_batch_size(device), mean,
+                              std, device, train=False, channels_last=True)
         return round(evaluate(model, loader, precision).accuracy, 2)
 
     report = CorruptionReport(accuracy(test.images), severities, seed=seed)
