@@ -5,7 +5,8 @@ autocast): channels_last against contiguous, 1 thread against all, eager against
 (Inductor's C++ code, through ``CompiledOnce`` as ``--compile`` runs it), and other batch sizes
 (``--batch-sizes``, compared per image: smaller batches keep the activations in the caches), and with
 ``--frozen-stem`` the whitening stem's batch norm frozen too at each batch size (the fp32 recipe's
-32x32 epochs: backward stops before the 32x32 maps). The
+32x32 epochs: backward stops before the 32x32 maps), and with ``--late-freeze N`` the first N blocks of
+the network frozen as well (the fp32 recipe's last epoch, ``late_freeze_blocks``). The
 variants take turns, ``--rounds`` times ``--steps`` steps each, and the report gives each one's
 median step: interleaving keeps the ratios honest on a machine other jobs share, where
 whole-process timings are not.
@@ -35,16 +36,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import kernel_isa, markdown_table, synthetic_step, training_step, write_results  # noqa: E402
 
 from tinycifar.config import resolve_config  # noqa: E402
-from tinycifar.training.train import CompiledOnce, freeze_stem_norm  # noqa: E402
+from tinycifar.training.train import CompiledOnce, freeze_leading_blocks, freeze_stem_norm  # noqa: E402
 
 
 def make_step(preset: str, resolution: int, channels_last: bool, compiled: bool,
-              batch_size: int | None = None, frozen_stem: bool = False) -> Callable[[], None]:
+              batch_size: int | None = None, frozen_stem: bool = False, frozen_blocks: int = 0) -> Callable[[], None]:
     """One fp32 training step of the preset's network on fixed synthetic images, with its augmentation."""
     torch.manual_seed(0)  # the same initial weights in every variant
     s = synthetic_step(preset, torch.channels_last if channels_last else torch.contiguous_format, batch_size)
     if frozen_stem:
         freeze_stem_norm(s.model)
+    if frozen_blocks:
+        freeze_leading_blocks(s.model, frozen_blocks)
     return training_step(s, resolution, "fp32", CompiledOnce(s.model) if compiled else None)
 
 
@@ -66,6 +69,8 @@ def main() -> None:
                     help="also time channels_last eager steps at these batch sizes (compared per image)")
     ap.add_argument("--frozen-stem", action="store_true",
                     help="also time each eager channels_last batch size with the stem's batch norm frozen")
+    ap.add_argument("--late-freeze", type=int, default=0, metavar="N",
+                    help="with --frozen-stem, also with the network's first N blocks frozen (late_freeze_blocks)")
     ap.add_argument("--out", default="benchmarks/results/fp32_levers")
     args = ap.parse_args()
     threads, batch = torch.get_num_threads(), resolve_config(args.preset).batch_size
@@ -77,6 +82,9 @@ def main() -> None:
     for b in [batch, *args.batch_sizes] if args.frozen_stem else []:
         variants[("channels_last", "eager, stem frozen", threads, b)] = make_step(args.preset, args.resolution, True,
                                                                                   False, b, frozen_stem=True)
+        if args.late_freeze:
+            variants[("channels_last", f"eager, first {args.late_freeze} blocks frozen", threads, b)] = make_step(
+                args.preset, args.resolution, True, False, b, frozen_stem=True, frozen_blocks=args.late_freeze)
     first_step = {}
     if not args.no_compile:
         for layout in ("channels_last", "contiguous"):

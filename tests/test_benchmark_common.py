@@ -50,8 +50,9 @@ def test_the_step_benchmarks_time_the_batch_each_precision_trains_at():
      ["training step, 20x20", "layer: 96 channels, 5x5, dilation 3"]),
     ("page_faults.py", ["--rounds", "1", "--warmup", "1", "--steps", "1", "--batch-size", "16"],
      ["glibc default", "kept"]),
-    ("fp32_levers.py", ["--rounds", "1", "--steps", "1", "--no-compile", "--resolution", "16", "--frozen-stem"],
-     ["channels_last", "contiguous", "eager, stem frozen"]),
+    ("fp32_levers.py", ["--rounds", "1", "--steps", "1", "--no-compile", "--resolution", "16", "--frozen-stem",
+                        "--late-freeze", "2"],
+     ["channels_last", "contiguous", "eager, stem frozen", "eager, first 2 blocks frozen"]),
 ])
 def test_the_step_benchmarks_run_end_to_end(tmp_path, script, args, parts):
     """Each writes its Markdown and JSON with a row per part, measured (a few seconds: one step each)."""

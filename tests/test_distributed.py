@@ -29,10 +29,11 @@ pytestmark = pytest.mark.slow
 
 N_TRAIN, BATCH, EPOCHS = 614, 40, 3
 N_TEST = N_TRAIN // 4
-# freeze_stem_after=1: DDP must be rebuilt when a parameter stops training mid-run
+# freeze_stem_after=1, then late_freeze_blocks=2 in the last epoch: DDP must be rebuilt each time parameters
+# stop training mid-run
 ARGS = ["--dataset", "synthetic", "--set", f"synthetic_size={N_TRAIN}", "--set", "dropout=0.0",
-        "--set", "freeze_stem_after=1", "--epochs", str(EPOCHS), "--batch-size", str(BATCH), "--lr", "0.1",
-        "--schedule", "constant",
+        "--set", "freeze_stem_after=1", "--set", "late_freeze_blocks=2", "--epochs", str(EPOCHS),
+        "--batch-size", str(BATCH), "--lr", "0.1", "--schedule", "constant",
         "--aug", "none", "--precision", "fp32", "--device", "cpu", "--threads", "1", "--eval-every", "1"]
 
 

@@ -24,7 +24,7 @@ from torch import nn
 
 from tinycifar.checkpoint import load_checkpoint, model_from_checkpoint
 from tinycifar.cli import main
-from tinycifar.config import PRESETS, TrainConfig, apply_precision_recipe, resolve_config
+from tinycifar.config import PRESETS, ConfigError, TrainConfig, apply_precision_recipe, resolve_config
 from tinycifar.data import DatasetError, synthetic_cifar10
 from tinycifar.data import augmix as augmix_module
 from tinycifar.data.loader import DeviceLoader
@@ -778,3 +778,36 @@ def test_compile_compiles_once_across_image_sizes_and_the_partial_batch_and_time
     assert first["seconds"] < 2.0 and second["seconds"] < 2.0
     assert result.summary["compile_seconds"] == pytest.approx(first["compile_seconds"] + second["compile_seconds"])
     assert "s compiling" in train_mod.summary_line(result.summary)
+
+
+def test_late_freeze_stops_the_first_blocks_in_the_last_epoch_only_and_resumes_exactly(tmp_path, monkeypatch):
+    full = train_whole_and_cut_after_epoch_1(tmp_path, monkeypatch, model="fastnet", epochs=2, late_freeze_blocks=2)
+    before, after = (load_checkpoint(run / "last.pt")["model_state"] for run in (tmp_path / "cut", full.run_dir))
+    weights = [k for k in after if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    frozen = [k for k in weights if k.startswith(("features.0.", "features.1."))]
+    assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)  # the last epoch left them alone
+    assert all(not torch.equal(before[k], after[k]) for k in weights if k not in frozen)  # and trained the rest
+    statistics = [k for k in after if k.startswith("features.1.") and k.endswith("running_mean")]
+    assert all(not torch.equal(before[k], after[k]) for k in statistics)  # still normalizing by the batch
+
+    torch.manual_seed(0)  # the run's seed: its initial weights
+    initial = create_model("fastnet").state_dict()
+    assert all(not torch.equal(initial[k], before[k]) for k in frozen)  # the first epoch trained them
+    # asked for more final epochs than the run has, the blocks still train in the first
+    longer = train(quick_cfg(tmp_path / "longer", model="fastnet", epochs=2, late_freeze_blocks=2,
+                             late_freeze_epochs=5))
+    assert without_timing(longer.history) == without_timing(full.history)
+
+    resumed = train(train_mod.resume_config(tmp_path / "cut", {"quiet": True}))
+    assert without_timing(resumed.history) == without_timing(full.history)
+    cut = load_checkpoint(tmp_path / "cut" / "last.pt")["model_state"]
+    assert all(torch.equal(cut[k], after[k]) for k in after)
+
+
+def test_late_freeze_names_a_network_without_feature_blocks_before_writing_anything(tmp_path):
+    (tmp_path / "tiny.py").write_text(TINY_NET)
+    with pytest.raises(ConfigError, match=r"late_freeze_blocks: .* no `features` sequence of at least 2 blocks"):
+        train(quick_cfg(tmp_path / "refused", model=f"{tmp_path / 'tiny.py'}:Net", late_freeze_blocks=2))
+    with pytest.raises(ConfigError, match=r"late_freeze_blocks: fastnet .* at least 5 blocks"):
+        train(quick_cfg(tmp_path / "refused", model="fastnet", late_freeze_blocks=5))  # it has 4
+    assert not (tmp_path / "refused").exists()

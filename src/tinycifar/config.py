@@ -66,6 +66,11 @@ class TrainConfig:
     low_res_fraction: float = 0.5  # share of the epochs trained at low_res
     whiten_stem: bool = False  # first conv = frozen whitening of training patches (airbench)
     freeze_stem_after: int = -1  # with whiten_stem: epochs before its batch norm freezes too (-1 never)
+    # FreezeOut (Brock et al., 2017), opt-in: the network's first N feature blocks stop training for the
+    # last late_freeze_epochs epochs, when the lr has annealed; backward stops at block N (no preset: it
+    # cost the fast preset 0.25 points for 0.91x the training in fp32, benchmarks/README.md "Speed VI")
+    late_freeze_blocks: int = 0
+    late_freeze_epochs: int = 1
     schedule: str = "onecycle"  # onecycle | cosine | step | constant
     warmup_epochs: float = 0.0
     pct_start: float = 0.25  # one-cycle: share of the run spent rising
@@ -123,7 +128,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # twice as many steps learn more per epoch, which pays for a third epoch at 20x20 (0.4x a 32x32
     # one) with airbench's free alternating flips; lr 0.12 for batch 128 (square-root scaling of
     # 0.175); and the stem's batch norm stops training after those epochs, so that backward never
-    # reaches the 32x32 maps (a step 0.90x). benchmarks/README.md, "Speed III" to "Speed V", has the runs.
+    # reaches the 32x32 maps (a step 0.90x). benchmarks/README.md, "Speed III" to "Speed VI", has the
+    # runs, and the levers that lost the promise (late_freeze_blocks=2: 0.91x the training, -0.25 points).
     "fast": dict(
         model="fastnet", epochs=6, batch_size=256, aug=dict(policy="fast", cutout_size=0),
         optimizer="sgd", lr=0.175, nesterov=True, weight_decay=5e-4, schedule="onecycle",
@@ -389,3 +395,6 @@ def validate(cfg: TrainConfig) -> None:
     need(0 <= cfg.low_res_fraction <= 1, "low_res_fraction", "a number in [0, 1]", cfg.low_res_fraction)
     need(cfg.freeze_stem_after >= -1, "freeze_stem_after", "-1 (never), 0 (from the start) or a number of epochs",
          cfg.freeze_stem_after)
+    need(cfg.late_freeze_blocks >= 0, "late_freeze_blocks", "0 (off) or a number of leading feature blocks",
+         cfg.late_freeze_blocks)
+    need(cfg.late_freeze_epochs >= 1, "late_freeze_epochs", "a positive number of final epochs", cfg.late_freeze_epochs)

@@ -222,6 +222,10 @@ def prepare_model(model: nn.Module, cfg: TrainConfig, train_split: Split, mean: 
         stem.weight.requires_grad_(False)
         if cfg.freeze_stem_after == 0:
             freeze_stem_norm(model)
+    if cfg.late_freeze_blocks and not can_freeze_leading_blocks(model, cfg.late_freeze_blocks):
+        raise ConfigError(f"late_freeze_blocks: {cfg.model} has no `features` sequence of at least "
+                          f"{cfg.late_freeze_blocks} blocks to freeze (tinycifar's networks are features -> head); "
+                          "pass --set late_freeze_blocks=0")
     if cfg.freeze_norm_scale:
         for m in model.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.weight is not None:
@@ -246,6 +250,34 @@ def freeze_stem_norm(model: nn.Module) -> bool:
     for p in norm.parameters():
         p.requires_grad_(False)
     return True
+
+
+def can_freeze_leading_blocks(model: nn.Module, blocks: int) -> bool:
+    """Whether the network is tinycifar's features -> head, with at least ``blocks`` feature blocks."""
+    features = getattr(model, "features", None)
+    return isinstance(features, nn.Sequential) and len(features) >= blocks
+
+
+def freeze_leading_blocks(model: nn.Module, blocks: int) -> bool:
+    """Stop training the first ``blocks`` blocks of ``model.features`` (their batch norms still normalize
+    by the batch). Backward then stops at the next block: with the first two of fastnet's frozen, a
+    32x32 fp32 step at batch 128 costs 0.59x on a Zen 3. Returns whether anything trained until now."""
+    trained = [p for p in model.features[:blocks].parameters() if p.requires_grad]
+    for p in trained:
+        p.requires_grad_(False)
+    return bool(trained)
+
+
+def freeze_for_epoch(model: nn.Module, cfg: TrainConfig, epoch: int) -> bool:
+    """What the recipe stops training from this epoch on (0-based): the whitening stem's batch norm after
+    ``freeze_stem_after`` epochs; the first ``late_freeze_blocks`` blocks for the last
+    ``late_freeze_epochs``, never from the first (blocks that never trained would stay random).
+    Idempotent, so a resumed run freezes what the whole run had frozen by then. Returns whether
+    anything changed (then DDP and a compiled step must be built again)."""
+    changed = bool(cfg.whiten_stem and 0 < cfg.freeze_stem_after <= epoch and freeze_stem_norm(model))
+    if cfg.late_freeze_blocks and epoch >= max(1, cfg.epochs - cfg.late_freeze_epochs):
+        changed = freeze_leading_blocks(model, cfg.late_freeze_blocks) or changed
+    return changed
 
 
 def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
@@ -694,7 +726,7 @@ def train_one_epoch(run: Run, epoch: int) -> EpochStats:
     run.train_loader.resolution = cfg.low_res if epoch < int(cfg.low_res_fraction * cfg.epochs) else None
     # dropout stream: reproducible on resume, and its own on each rank
     torch.manual_seed(cfg.seed * 1_000_003 + epoch + 7919 * run.env.rank)
-    if cfg.whiten_stem and 0 < cfg.freeze_stem_after <= epoch and freeze_stem_norm(run.model):
+    if freeze_for_epoch(run.model, cfg, epoch):
         run.net = wrap(run.model, cfg, run.env, device)  # DDP reduces the gradients it saw at its start,
         run.compiled_sizes.clear()  # and a new torch.compile wrapper compiles again
     run.model.train()
