@@ -6,7 +6,7 @@ autocast): channels_last against contiguous, 1 thread against all, eager against
 (``--batch-sizes``, compared per image: smaller batches keep the activations in the caches), and with
 ``--frozen-stem`` the whitening stem's batch norm frozen too at each batch size (the fp32 recipe's
 32x32 epochs: backward stops before the 32x32 maps), and with ``--late-freeze N`` the first N blocks of
-the network frozen as well (the fp32 recipe's last epoch, ``late_freeze_blocks``). The
+the network frozen as well (what the opt-in ``late_freeze_blocks`` does in a run's last epochs). The
 variants take turns, ``--rounds`` times ``--steps`` steps each, and the report gives each one's
 median step: interleaving keeps the ratios honest on a machine other jobs share, where
 whole-process timings are not.
