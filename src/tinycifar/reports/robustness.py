@@ -54,9 +54,11 @@ def evaluate_corruptions(model: nn.Module, test: Split, mean: list[float], std: 
                          batch_size: int | None = None, progress=None) -> CorruptionReport:
     """Accuracy on the clean test set and on each corrupted copy of it, ``batch_size`` images a pass
     (by default the device's, ``eval_batch_size``, as ``tinycifar eval`` passes)."""
+    batch_size = batch_size or eval_batch_size(device)
+
     def accuracy(images: torch.Tensor) -> float:
-        loader = DeviceLoader(Split(images, test.labels, test.classes), batch_size or eval_batch_size(device), mean,
-                              std, device, train=False, channels_last=True)
+        loader = DeviceLoader(Split(images, test.labels, test.classes), batch_size, mean, std, device, train=False,
+                              channels_last=True)
         return round(evaluate(model, loader, precision).accuracy, 2)
 
     report = CorruptionReport(accuracy(test.images), severities, seed=seed)
