@@ -227,9 +227,8 @@ def prepare_model(model: nn.Module, cfg: TrainConfig, train_split: Split, mean: 
                           f"{cfg.late_freeze_blocks} blocks to freeze (tinycifar's networks are features -> head); "
                           "pass --set late_freeze_blocks=0")
     if cfg.freeze_norm_scale:
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.weight is not None:
-                m.weight.requires_grad_(False)
+        stop_training(m.weight for m in model.modules()
+                      if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.weight is not None)
 
 
 def first_conv(model: nn.Module) -> nn.Conv2d | None:
