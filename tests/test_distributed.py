@@ -1,7 +1,8 @@
 """Two processes under torchrun (CPU, gloo): one run folder, one progress stream, exact evaluation, resume.
 
 The run: 614 synthetic training images, a global batch of 40 (20 per process), so an epoch
-is floor(614 / 40) = 15 steps; 153 test images, an odd number, split 77 + 76 between ranks.
+is floor(614 / 40) = 15 steps, but the last trains on the hardest half (keep_hardest=0.5): 307
+images, 153 per process, 7 steps of 20; 153 test images, an odd number, split 77 + 76 between ranks.
 """
 
 from __future__ import annotations
@@ -29,10 +30,12 @@ pytestmark = pytest.mark.slow
 
 N_TRAIN, BATCH, EPOCHS = 614, 40, 3
 N_TEST = N_TRAIN // 4
+STEPS = [15, 15, 7]
 # freeze_stem_after=1, then late_freeze_blocks=2 in the last epoch: DDP must be rebuilt each time parameters
-# stop training mid-run
+# stop training mid-run; and the last epoch takes the images whose losses, gathered from both ranks, were highest
 ARGS = ["--dataset", "synthetic", "--set", f"synthetic_size={N_TRAIN}", "--set", "dropout=0.0",
-        "--set", "freeze_stem_after=1", "--set", "late_freeze_blocks=2", "--epochs", str(EPOCHS),
+        "--set", "freeze_stem_after=1", "--set", "late_freeze_blocks=2", "--set", "keep_hardest=0.5",
+        "--epochs", str(EPOCHS),
         "--batch-size", str(BATCH), "--lr", "0.1", "--schedule", "constant",
         "--aug", "none", "--precision", "fp32", "--device", "cpu", "--threads", "1", "--eval-every", "1"]
 
@@ -97,7 +100,8 @@ def test_one_run_folder_and_one_progress_stream(ddp_run):
     assert stdout.count("Test set:") == EPOCHS
     assert stdout.count("Done: best") == 1
     # tqdm's bar goes to stderr: one bar per epoch, all from rank 0 (ends with the last batch id)
-    assert done.stderr.count(f"Batch_id={N_TRAIN // BATCH - 1} ") >= EPOCHS
+    assert done.stderr.count(f"Batch_id={STEPS[0] - 1} ") >= EPOCHS - 1
+    assert done.stderr.count(f"Batch_id={STEPS[-1] - 1} ") >= 1
 
 
 def test_steps_per_epoch_is_floor_of_images_over_the_global_batch(ddp_run):
@@ -106,9 +110,17 @@ def test_steps_per_epoch_is_floor_of_images_over_the_global_batch(ddp_run):
     assert resolved["world_size"] == 2
     assert resolved["per_rank_batch"] == BATCH // 2
     assert resolved["steps_per_epoch"] == N_TRAIN // BATCH == 15
+    assert [int(r["train_images"]) for r in read_metrics(out)] == [s * BATCH for s in STEPS]
     summary = json.loads((out / "summary.json").read_text())
-    images_per_epoch = summary["images_per_second"] * summary["train_seconds"] / EPOCHS
-    assert images_per_epoch == pytest.approx(15 * BATCH, rel=0.01)
+    images = summary["images_per_second"] * summary["train_seconds"]
+    assert images == pytest.approx(sum(STEPS) * BATCH, rel=0.01)
+
+
+def test_the_hardest_images_are_chosen_from_both_ranks_losses(ddp_run):
+    out, _ = ddp_run
+    losses = load_checkpoint(out / "last.pt")["image_losses"]  # rank 0's, after the merge
+    assert losses.shape == (N_TRAIN,)
+    assert (losses > 0).float().mean() > 0.95  # rank 0 alone saw half of each epoch
 
 
 def test_evaluation_counts_every_test_image_once(ddp_run):

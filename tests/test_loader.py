@@ -229,6 +229,26 @@ def test_len_matches_the_number_of_batches(train, world_size, drop_last, batch_s
         assert len(loader) == sum(1 for _ in loader)
 
 
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_a_subset_epoch_takes_those_images_once_in_a_random_order_and_says_which_each_batch_holds(world_size):
+    split, subset = id_split(103), torch.tensor([5, 99, 17, 42, 0, 63, 8, 71, 30, 12, 88])
+    loaders = [make(split, 2, drop_last=True, rank=r, world_size=world_size) for r in range(world_size)]
+    taken = []
+    for loader in loaders:
+        loader.subset = subset
+        loader.set_epoch(3)
+        batches = 0
+        for _, y in loader:
+            assert torch.equal(loader.last_indices, y)  # labels are indices
+            taken += y.tolist()
+            batches += 1
+        assert batches == len(loader) == (len(subset) // world_size) // 2
+    assert len(set(taken)) == len(taken) and set(taken) <= set(subset.tolist())
+    assert taken != sorted(taken) and len(taken) >= len(subset) - 2 * world_size - 1
+    loaders[0].subset = None
+    assert len(loaders[0]) == (103 // world_size) // 2  # the whole split again
+
+
 # ---------------------------------------------------------------------------- options and errors
 
 

@@ -103,6 +103,18 @@ def test_pipeline_loader_is_reproducible_and_changes_with_the_epoch(split):
     assert first[0].shape == (16, 3, 32, 32) and first[0].dtype == torch.float32
 
 
+def test_pipeline_loader_takes_a_subset_and_says_which_images_each_batch_holds(split):
+    mean, std = channel_stats(split.images)
+    labelled = type(split)(split.images, torch.arange(len(split)))  # labels are indices
+    loader = PipelineLoader(labelled, 4, mean, std, A.Compose([]), workers=0, seed=1, drop_last=True)
+    loader.subset = torch.tensor([3, 60, 9, 41, 22, 17, 50, 1, 33, 12])
+    taken = []
+    for _, y in loader:
+        assert torch.equal(loader.last_indices, y)
+        taken += y.tolist()
+    assert len(taken) == 8 == len(set(taken)) and set(taken) <= set(loader.subset.tolist())
+
+
 class DeviceCopies(TorchDispatchMode):
     """The leading sizes of the tensors copied to another device."""
 

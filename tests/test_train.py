@@ -804,6 +804,25 @@ def test_late_freeze_stops_the_first_blocks_in_the_last_epoch_only_and_resumes_e
     assert all(torch.equal(cut[k], after[k]) for k in after)
 
 
+def test_keep_hardest_trains_the_last_epoch_on_the_highest_losses_over_the_whole_schedule(tmp_path, monkeypatch):
+    full = train_whole_and_cut_after_epoch_1(tmp_path, monkeypatch, epochs=2, keep_hardest=0.5)
+    assert [h["train_images"] for h in full.history] == [512, 256]  # 16 steps of 32, then 8
+    cfg = quick_cfg(tmp_path, epochs=2)
+    assert full.history[-1]["lr"] == pytest.approx(cfg.lr * lr_factor(16 + 14, 32, 16, cfg))  # its 8 steps span 16
+    assert full.summary["images_per_second"] == pytest.approx(768 / full.summary["train_seconds"], rel=1e-3)
+    before = load_checkpoint(tmp_path / "cut" / "last.pt")["image_losses"]
+    after = load_checkpoint(full.run_dir / "last.pt")["image_losses"]
+    assert before.shape == (512,) and bool((before > 0).all())
+    trained = set((after != before).nonzero().flatten().tolist())  # the images the last epoch saw anew
+    assert trained == set(before.topk(256).indices.tolist())
+
+    resumed = train(train_mod.resume_config(tmp_path / "cut", {"quiet": True}))
+    assert without_timing(resumed.history) == without_timing(full.history)
+    a, b = load_checkpoint(tmp_path / "cut" / "last.pt"), load_checkpoint(full.run_dir / "last.pt")
+    assert all(torch.equal(a["model_state"][k], b["model_state"][k]) for k in b["model_state"])
+    assert torch.equal(a["image_losses"], b["image_losses"])
+
+
 def test_late_freeze_names_a_network_without_feature_blocks_before_writing_anything(tmp_path):
     (tmp_path / "tiny.py").write_text(TINY_NET)
     with pytest.raises(ConfigError, match=r"late_freeze_blocks: .* no `features` sequence of at least 2 blocks"):

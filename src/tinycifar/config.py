@@ -71,6 +71,11 @@ class TrainConfig:
     # cost the fast preset 0.25 points for 0.91x the training in fp32, benchmarks/README.md "Speed VI")
     late_freeze_blocks: int = 0
     late_freeze_epochs: int = 1
+    # Online batch selection (Loshchilov & Hutter, 2015), per epoch: the last keep_hardest_epochs epochs
+    # (never the first) train only on the keep_hardest share of the training images whose loss was highest
+    # when last seen; each covers its share of the lr schedule in fewer steps. 1.0 = every image.
+    keep_hardest: float = 1.0
+    keep_hardest_epochs: int = 1
     schedule: str = "onecycle"  # onecycle | cosine | step | constant
     warmup_epochs: float = 0.0
     pct_start: float = 0.25  # one-cycle: share of the run spent rising
@@ -127,16 +132,18 @@ PRESETS: dict[str, dict[str, Any]] = {
     # CPUs such as AMD Zen 3 and most Intel laptops) a step costs about 3x more. There batch 128's
     # twice as many steps learn more per epoch, which pays for a third epoch at 20x20 (0.4x a 32x32
     # one) with airbench's free alternating flips; lr 0.12 for batch 128 (square-root scaling of
-    # 0.175); and the stem's batch norm stops training after those epochs, so that backward never
-    # reaches the 32x32 maps (a step 0.90x). benchmarks/README.md, "Speed III" to "Speed VI", has the
-    # runs, and the levers that lost the promise (late_freeze_blocks=2: 0.91x the training, -0.25 points).
+    # 0.175); the stem's batch norm stops training after those epochs, so that backward never
+    # reaches the 32x32 maps (a step 0.90x); and the three 32x32 epochs train on the 70% of the images
+    # with the highest loss (keep_hardest), 0.7x their steps. benchmarks/README.md, "Speed III" to
+    # "Speed VII", has the runs, and the levers that lost the promise (late_freeze_blocks=2: 0.91x the
+    # training, -0.25 points).
     "fast": dict(
         model="fastnet", epochs=6, batch_size=256, aug=dict(policy="fast", cutout_size=0),
         optimizer="sgd", lr=0.175, nesterov=True, weight_decay=5e-4, schedule="onecycle",
         pct_start=0.25, norm_bias_lr_scale=4.0, label_smoothing=0.1, whiten_stem=True, low_res=20,
         low_res_fraction=0.34, ema_decay=0.99, eval_every=0, tta=True, tta_views="flip",
         by_precision={"fp32": dict(batch_size=128, lr=0.12, low_res_fraction=0.5, freeze_stem_after=3,
-                                   aug=dict(alternate_flip=True))},
+                                   keep_hardest=0.7, keep_hardest_epochs=3, aug=dict(alternate_flip=True))},
     ),
     # Accuracy under 200k parameters in about 67 minutes of 2 CPU threads (issue 17): a
     # ResNet-style network with squeeze-and-excitation in its 8x8 blocks (slimres200k_se) and
@@ -398,3 +405,7 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.late_freeze_blocks >= 0, "late_freeze_blocks", "0 (off) or a number of leading feature blocks",
          cfg.late_freeze_blocks)
     need(cfg.late_freeze_epochs >= 1, "late_freeze_epochs", "a positive number of final epochs", cfg.late_freeze_epochs)
+    need(0 < cfg.keep_hardest <= 1, "keep_hardest", "a share of the training images in (0, 1] (1 = all)",
+         cfg.keep_hardest)
+    need(cfg.keep_hardest_epochs >= 1, "keep_hardest_epochs", "a positive number of final epochs",
+         cfg.keep_hardest_epochs)

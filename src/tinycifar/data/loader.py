@@ -40,6 +40,9 @@ class DeviceLoader:
 
     With ``world_size > 1`` each rank gets a disjoint, equally sized slice of every epoch's
     permutation (the remainder is dropped so ranks take the same number of steps).
+
+    ``subset`` (image indices, or None for all) restricts an epoch to those images, in a random
+    order; ``last_indices`` are the images of the batch yielded last, so a step can record their losses.
     """
 
     def __init__(
@@ -71,6 +74,8 @@ class DeviceLoader:
         self.std = torch.tensor(std, device=self.device).view(1, -1, 1, 1) * 255
         self.epoch = 0
         self.resolution: int | None = None  # train at a lower resolution (progressive resizing)
+        self.subset: torch.Tensor | None = None  # the images this epoch trains on (None: all)
+        self.last_indices: torch.Tensor | None = None
         self.flip_bits = None
         if aug is not None and aug.alternate_flip:
             gen = torch.Generator().manual_seed(seed)
@@ -89,10 +94,13 @@ class DeviceLoader:
 
     def order(self) -> torch.Tensor:
         """This rank's sample order for the current epoch, on the CPU (where it is drawn)."""
-        n = len(self.labels)
         if self.train:
+            n = len(self.labels) if self.subset is None else len(self.subset)
             order = torch.randperm(n, generator=epoch_generator(self.seed, self.epoch, torch.device("cpu")))
+            if self.subset is not None:
+                order = self.subset.cpu()[order]
         else:
+            n = len(self.labels)
             order = torch.arange(n)
         if self.world_size > 1:
             if self.train:
@@ -101,7 +109,11 @@ class DeviceLoader:
         return order
 
     def __len__(self) -> int:
-        n = len(self.order()) if self.world_size > 1 else len(self.labels)
+        """Batches in the current epoch: over the whole split, or over ``subset`` when one is set."""
+        n = len(self.order()) if self.world_size > 1 or self.subset is not None else len(self.labels)
+        return self.batches_of(n)
+
+    def batches_of(self, n: int) -> int:
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
@@ -132,7 +144,7 @@ class DeviceLoader:
         mixing_rng = np.random.default_rng([self.seed, self.epoch, self.rank])
         stop = len(order) - len(order) % self.batch_size if self.drop_last else len(order)
         for start in range(0, stop, self.batch_size):
-            idx = order[start : start + self.batch_size]
+            idx = self.last_indices = order[start : start + self.batch_size]
             x, labels = self.normalize(self.images[idx]), self.labels[idx]
             if self.train and self.aug is not None:
                 x = augment(x, self.aug, gen, self.alternating_flips(idx))

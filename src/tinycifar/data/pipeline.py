@@ -171,10 +171,10 @@ class PipelineLoader(DeviceLoader):
         dataset = info.dataset if info is not None else self.dataset
         dataset.pipeline.set_random_seed((self.seed * 1_000_003 + self.epoch * 101 + worker) % 2**32)
 
-    def batches(self) -> torch.utils.data.DataLoader:
-        """The epoch's uint8 batches from the workers, in pinned memory when they go to a GPU (so the
-        copies run asynchronously)."""
-        order = self.order()
+    def batches(self, order: torch.Tensor | None = None) -> torch.utils.data.DataLoader:
+        """The epoch's uint8 batches from the workers, in ``order`` (the epoch's by default), in pinned
+        memory when they go to a GPU (so the copies run asynchronously)."""
+        order = self.order() if order is None else order
         stop = len(order) - len(order) % self.batch_size if self.drop_last else len(order)
         if self.workers == 0:
             self._seed_pipeline(0)
@@ -183,6 +183,8 @@ class PipelineLoader(DeviceLoader):
             worker_init_fn=self._seed_pipeline if self.workers else None, pin_memory=self.device.type == "cuda")
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for images, labels in self.batches():
+        order = self.order()
+        for i, (images, labels) in enumerate(self.batches(order)):
+            self.last_indices = order[i * self.batch_size : (i + 1) * self.batch_size]
             images, labels = images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
             yield self.finish(self.normalize(images)), labels

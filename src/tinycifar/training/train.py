@@ -50,12 +50,14 @@ from ..models.registry import check_output, short_name
 from .ema import WarmupEMA
 from .losses import build_criterion
 from .progress import BarReadout
+from .selection import ImageLosses, selects_hardest
 
 METRIC_FIELDS = [
     "epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "seconds", "train_seconds_total", "eval_seconds",
     "finished_unix_seconds",  # Unix time the epoch and its test pass ended: whole-process time-to-accuracy
     "skipped_steps",  # fp16: steps the gradient scaler skipped because the gradients overflowed
     "compile_seconds",  # --compile: the first step at each new image size, where it compiles (not in seconds)
+    "train_images",  # images the epoch trained on (all ranks): fewer than the split's under keep_hardest
 ]
 
 
@@ -526,6 +528,7 @@ class Run:
     tta_result: EvalResult | None = None  # the last epoch's, when the run reports TTA
     last_result: EvalResult | None = None  # the newest test pass's
     compiled_sizes: set[int | None] = field(default_factory=set)  # --compile: the image sizes compiled for
+    image_losses: ImageLosses | None = None  # keep_hardest: what its epochs select by
 
     @property
     def quiet(self) -> bool:
@@ -538,7 +541,10 @@ class Run:
 
     @property
     def steps_per_epoch(self) -> int:
-        return len(self.train_loader)
+        """Steps in an epoch over the whole training split (the lr schedule's unit)."""
+        loader = self.train_loader
+        n = len(loader.labels)
+        return loader.batches_of((n - n % loader.world_size) // loader.world_size)  # as each rank's slice
 
     @property
     def params(self) -> int:
@@ -554,6 +560,8 @@ class Run:
             "scaler_state": self.scaler.state_dict(),  # empty unless fp16
             "config": self.cfg.to_dict(), "mean": self.mean, "std": self.std, "history": self.history,
             "params": self.params, "classes": list(self.classes),
+            "image_losses": self.image_losses.latest if self.image_losses and self.image_losses.latest is not None
+            else None,
         }
 
 
@@ -656,6 +664,8 @@ def setup(cfg: TrainConfig, env: DistEnv, data: tuple[Split, Split] | None = Non
     run = Run(cfg, env, device, p.precision, run_dir, model, wrap(model, cfg, env, device), ema, p.source,
               build_optimizer(model, cfg), gradient_scaler(device, p.precision), build_criterion(cfg), p.train_loader,
               test_loader, mean, std, p.train_split.classes)
+    if cfg.keep_hardest < 1:
+        run.image_losses = ImageLosses(len(p.train_split), device)
     resumed = cfg.resume and restore(run, load_checkpoint(run_dir / "last.pt"))
     announce(run, len(p.train_split), len(p.test_split), resumed)
     if cfg.tensorboard and env.is_main:
@@ -682,6 +692,8 @@ def restore(run: Run, state: dict[str, Any]) -> bool:
         run.ema.load_state_dict(state["ema_full_state"])
     if run.scaler.is_enabled() and state.get("scaler_state"):  # fp16's scale goes on where it was
         run.scaler.load_state_dict(state["scaler_state"])
+    if run.image_losses is not None and state.get("image_losses") is not None:  # what the next epoch selects by
+        run.image_losses = ImageLosses(run.image_losses.num_images, run.device, state["image_losses"])
     run.history = list(state["history"])
     run.start_epoch = run.saved_epoch = int(state["epoch"])
     run.train_seconds = float(run.history[-1]["train_seconds_total"]) if run.history else 0.0
@@ -720,13 +732,23 @@ class EpochStats:
     lr: float  # the last step's
     skipped_steps: int = 0
     compile_seconds: float = 0.0  # --compile: the step that compiled at this image size, not in ``seconds``
+    images: int = 0  # trained on, all ranks
 
 
 def train_one_epoch(run: Run, epoch: int) -> EpochStats:
-    """One pass over the training set: the recipe's steps, with a progress bar (rank 0)."""
-    cfg, device, steps = run.cfg, run.device, run.steps_per_epoch
+    """One pass over the training set (or its hardest images): the recipe's steps, with a progress bar (rank 0).
+
+    An epoch of fewer steps (``keep_hardest``) covers the same share of the lr schedule as a whole one.
+    """
+    cfg, device, steps, losses = run.cfg, run.device, run.steps_per_epoch, run.image_losses
     run.train_loader.set_epoch(epoch)
     run.train_loader.resolution = cfg.low_res if epoch < int(cfg.low_res_fraction * cfg.epochs) else None
+    run.train_loader.subset = None
+    if losses is not None:
+        if selects_hardest(cfg, epoch):
+            run.train_loader.subset = losses.hardest(cfg.keep_hardest, cfg.batch_size)
+        losses.start_epoch()
+    batches = len(run.train_loader)
     # dropout stream: reproducible on resume, and its own on each rank
     torch.manual_seed(cfg.seed * 1_000_003 + epoch + 7919 * run.env.rank)
     if freeze_for_epoch(run.model, cfg, epoch):
@@ -739,17 +761,19 @@ def train_one_epoch(run: Run, epoch: int) -> EpochStats:
     compiles = cfg.compile and run.train_loader.resolution not in run.compiled_sizes
     if not run.quiet:
         print(f"EPOCH: {epoch + 1}")
-    bar = tqdm(run.train_loader, total=steps, disable=run.quiet, dynamic_ncols=True, leave=True)
+    bar = tqdm(run.train_loader, total=batches, disable=run.quiet, dynamic_ncols=True, leave=True)
     readout = BarReadout(device)
     if compiles:  # the queue drained, so the compiling step's time is its own
         wait_for_device(device)
     t0 = time.perf_counter()
     for i, (x, y) in enumerate(bar):
-        lr = cfg.lr * lr_factor(epoch * steps + i, steps * cfg.epochs, steps, cfg)
+        lr = cfg.lr * lr_factor(epoch * steps + int(i * steps / batches), steps * cfg.epochs, steps, cfg)
         set_lr(run.optimizer, lr)
         with autocast_context(device, run.precision):
             logits = run.net(x)
             loss = run.criterion(logits.float(), y)
+        if losses is not None:
+            losses.record(run.train_loader.last_indices, logits, y)
         run.optimizer.zero_grad(set_to_none=True)
         run.scaler.scale(loss).backward()
         applied = apply_gradients(run.optimizer, run.scaler, run.model, cfg.grad_clip)
@@ -764,9 +788,11 @@ def train_one_epoch(run: Run, epoch: int) -> EpochStats:
         # the labelled images, not AugMix's views; a mixed image counts for its larger share's class
         correct += (logits[: len(y)].argmax(1) == (y if y.ndim == 1 else y.argmax(1))).sum()
         seen += len(y)
-        if not run.quiet and (i % 10 == 0 or i == steps - 1):
+        if not run.quiet and (i % 10 == 0 or i == batches - 1):
             readout.push(i, loss, correct, seen)
-            show(bar, readout.text(wait=i == steps - 1))  # the newest that arrived; the last step's awaited
+            show(bar, readout.text(wait=i == batches - 1))  # the newest that arrived; the last step's awaited
+    if losses is not None:
+        losses.finish_epoch(run.env.world_size)
     wait_for_device(device)
     seconds = time.perf_counter() - t0
     bar.close()
@@ -780,7 +806,7 @@ def train_one_epoch(run: Run, epoch: int) -> EpochStats:
                 else "no checkpoint was written yet")
         raise TrainingError(f"epoch {epoch + 1}: training loss is {train_loss}; stopped, {good}; "
                             "lower --lr or set a --grad-clip")
-    return EpochStats(train_loss, train_acc, seconds, lr, skipped, compile_seconds)
+    return EpochStats(train_loss, train_acc, seconds, lr, skipped, compile_seconds, round(totals[2].item()))
 
 
 def compiled_step_seconds(run: Run, t0: float) -> float:
@@ -834,7 +860,7 @@ def evaluate_and_checkpoint(run: Run, epoch: int, stats: EpochStats) -> float | 
         "test_acc": round(result.accuracy, 4) if result else None, "seconds": round(stats.seconds, 3),
         "train_seconds_total": round(run.train_seconds, 3), "eval_seconds": round(time.perf_counter() - t_eval, 3),
         "finished_unix_seconds": round(time.time(), 3), "skipped_steps": stats.skipped_steps,
-        "compile_seconds": round(stats.compile_seconds, 3)})
+        "compile_seconds": round(stats.compile_seconds, 3), "train_images": stats.images})
     if result is not None and not run.quiet:
         print(f"\n{result.line()}\n")
     if result is not None and run.log is not None:
@@ -905,7 +931,8 @@ def build_summary(cfg: TrainConfig, history: list[dict[str, Any]], params: int, 
         "seconds_to_target": reached["train_seconds_total"] if reached else None,
         "train_seconds": train_seconds,
         "compile_seconds": round(sum(h.get("compile_seconds") or 0.0 for h in history), 3),
-        "images_per_second": round(len(history) * images_per_epoch / train_seconds, 1) if train_seconds else None,
+        "images_per_second": round(sum(h.get("train_images") or images_per_epoch for h in history) / train_seconds, 1)
+        if train_seconds else None,
         "device": str(device), "precision": precision, "world_size": env.world_size,
         "stop_reason": stop_reason,
     }
