@@ -24,9 +24,9 @@ def selects_hardest(cfg: TrainConfig, epoch: int) -> bool:
 class ImageLosses:
     """Each training image's loss (cross-entropy against its label) when it was last seen."""
 
-    def __init__(self, num_images: int, device: torch.device, latest: torch.Tensor | None = None):
+    def __init__(self, num_images: int, device: torch.device):
         self.num_images, self.device = num_images, device
-        self.latest = None if latest is None else latest.to(device)  # None until an epoch has recorded them
+        self.latest: torch.Tensor | None = None  # until an epoch has recorded them (or a checkpoint restored them)
         self.epoch_losses = self.seen = torch.zeros(0)
 
     def start_epoch(self) -> None:

@@ -560,8 +560,7 @@ class Run:
             "scaler_state": self.scaler.state_dict(),  # empty unless fp16
             "config": self.cfg.to_dict(), "mean": self.mean, "std": self.std, "history": self.history,
             "params": self.params, "classes": list(self.classes),
-            "image_losses": self.image_losses.latest if self.image_losses and self.image_losses.latest is not None
-            else None,
+            "image_losses": self.image_losses.latest if self.image_losses is not None else None,  # keep_hardest
         }
 
 
@@ -693,7 +692,7 @@ def restore(run: Run, state: dict[str, Any]) -> bool:
     if run.scaler.is_enabled() and state.get("scaler_state"):  # fp16's scale goes on where it was
         run.scaler.load_state_dict(state["scaler_state"])
     if run.image_losses is not None and state.get("image_losses") is not None:  # what the next epoch selects by
-        run.image_losses = ImageLosses(run.image_losses.num_images, run.device, state["image_losses"])
+        run.image_losses.latest = state["image_losses"].to(run.device)
     run.history = list(state["history"])
     run.start_epoch = run.saved_epoch = int(state["epoch"])
     run.train_seconds = float(run.history[-1]["train_seconds_total"]) if run.history else 0.0
@@ -735,6 +734,15 @@ class EpochStats:
     images: int = 0  # trained on, all ranks
 
 
+def choose_images(run: Run, epoch: int) -> torch.Tensor | None:
+    """The images the epoch trains on (None: all), and with keep_hardest a fresh record of their losses."""
+    losses = run.image_losses
+    if losses is None:
+        return None
+    losses.start_epoch()
+    return losses.hardest(run.cfg.keep_hardest, run.cfg.batch_size) if selects_hardest(run.cfg, epoch) else None
+
+
 def train_one_epoch(run: Run, epoch: int) -> EpochStats:
     """One pass over the training set (or its hardest images): the recipe's steps, with a progress bar (rank 0).
 
@@ -743,11 +751,7 @@ def train_one_epoch(run: Run, epoch: int) -> EpochStats:
     cfg, device, steps, losses = run.cfg, run.device, run.steps_per_epoch, run.image_losses
     run.train_loader.set_epoch(epoch)
     run.train_loader.resolution = cfg.low_res if epoch < int(cfg.low_res_fraction * cfg.epochs) else None
-    run.train_loader.subset = None
-    if losses is not None:
-        if selects_hardest(cfg, epoch):
-            run.train_loader.subset = losses.hardest(cfg.keep_hardest, cfg.batch_size)
-        losses.start_epoch()
+    run.train_loader.subset = choose_images(run, epoch)
     batches = len(run.train_loader)
     # dropout stream: reproducible on resume, and its own on each rank
     torch.manual_seed(cfg.seed * 1_000_003 + epoch + 7919 * run.env.rank)
