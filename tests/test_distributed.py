@@ -35,7 +35,7 @@ STEPS = [15, 15, 7]
 # stop training mid-run; and the last epoch takes the images whose losses, gathered from both ranks, were highest
 ARGS = ["--dataset", "synthetic", "--set", f"synthetic_size={N_TRAIN}", "--set", "dropout=0.0",
         "--set", "freeze_stem_after=1", "--set", "late_freeze_blocks=2", "--set", "keep_hardest=0.5",
-        "--epochs", str(EPOCHS),
+        "--set", "keep_hardest_epochs=1", "--epochs", str(EPOCHS),
         "--batch-size", str(BATCH), "--lr", "0.1", "--schedule", "constant",
         "--aug", "none", "--precision", "fp32", "--device", "cpu", "--threads", "1", "--eval-every", "1"]
 

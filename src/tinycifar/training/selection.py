@@ -37,7 +37,7 @@ class ImageLosses:
         """The step's losses by image, from its logits (the labelled images' rows; no host sync)."""
         losses = F.cross_entropy(logits[: len(labels)].detach().float(), labels, reduction="none")
         self.epoch_losses[indices] = losses
-        self.seen[indices] = 1.0
+        self.seen.index_fill_(0, indices, 1.0)  # a Python scalar: no tensor made on the host
 
     def finish_epoch(self, world_size: int) -> None:
         """Merge the epoch's losses into the latest; under DDP each image's comes from the rank that saw it."""

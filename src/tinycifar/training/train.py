@@ -810,7 +810,8 @@ def train_one_epoch(run: Run, epoch: int) -> EpochStats:
                 else "no checkpoint was written yet")
         raise TrainingError(f"epoch {epoch + 1}: training loss is {train_loss}; stopped, {good}; "
                             "lower --lr or set a --grad-clip")
-    return EpochStats(train_loss, train_acc, seconds, lr, skipped, compile_seconds, round(totals[2].item()))
+    # every rank takes as many images; counted on the host, so no read from the device
+    return EpochStats(train_loss, train_acc, seconds, lr, skipped, compile_seconds, seen * run.env.world_size)
 
 
 def compiled_step_seconds(run: Run, t0: float) -> float:
