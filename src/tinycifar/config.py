@@ -161,6 +161,12 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+def in_final_epochs(cfg: TrainConfig, epoch: int, last: int) -> bool:
+    """Whether epoch (0-based) is among the run's ``last`` epochs; never the first, before which nothing
+    has trained (so no block is frozen untrained and no loss is known to select by)."""
+    return epoch >= max(1, cfg.epochs - last)
+
+
 def apply_overrides(cfg: TrainConfig, values: dict[str, Any], source: str) -> TrainConfig:
     """A copy of cfg with one layer of values on top; `source` names that layer in errors."""
     cfg = dataclasses.replace(cfg)

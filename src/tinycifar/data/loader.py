@@ -110,10 +110,15 @@ class DeviceLoader:
 
     def __len__(self) -> int:
         """Batches in the current epoch: over the whole split, or over ``subset`` when one is set."""
-        n = len(self.order()) if self.world_size > 1 or self.subset is not None else len(self.labels)
-        return self.batches_of(n)
+        return self.batches_over(self.subset)
 
-    def batches_of(self, n: int) -> int:
+    def batches_over(self, subset: torch.Tensor | None = None) -> int:
+        """This rank's batches in an epoch over ``subset`` (None: the whole split), counted as ``order``
+        slices it, without drawing the permutation."""
+        n = len(self.labels) if subset is None else len(subset)
+        world = self.world_size
+        if world > 1:  # training drops the remainder so ranks take equal slices; testing deals every image
+            n = (n - n % world) // world if self.train else len(range(self.rank, n, world))
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:

@@ -13,12 +13,12 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from ..config import TrainConfig
+from ..config import TrainConfig, in_final_epochs
 
 
 def selects_hardest(cfg: TrainConfig, epoch: int) -> bool:
     """Whether epoch (0-based) trains on the hardest images only; never the first, which has no losses yet."""
-    return cfg.keep_hardest < 1 and epoch >= max(1, cfg.epochs - cfg.keep_hardest_epochs)
+    return cfg.keep_hardest < 1 and in_final_epochs(cfg, epoch, cfg.keep_hardest_epochs)
 
 
 class ImageLosses:

@@ -39,7 +39,7 @@ from ..checkpoint import (
     save_checkpoint,
     user_code_refusal,
 )
-from ..config import ConfigError, TrainConfig, apply_precision_recipe
+from ..config import ConfigError, TrainConfig, apply_precision_recipe, in_final_epochs
 from ..data import DatasetError, Split, load_cifar10, synthetic_cifar10
 from ..data.folders import load_image_folders
 from ..data.loader import DeviceLoader, channel_stats
@@ -280,7 +280,7 @@ def freeze_for_epoch(model: nn.Module, cfg: TrainConfig, epoch: int) -> bool:
     Idempotent, so a resumed run freezes what the whole run had frozen by then. Returns whether
     anything changed (then DDP and a compiled step must be built again)."""
     changed = bool(cfg.whiten_stem and 0 < cfg.freeze_stem_after <= epoch and freeze_stem_norm(model))
-    if cfg.late_freeze_blocks and epoch >= max(1, cfg.epochs - cfg.late_freeze_epochs):
+    if cfg.late_freeze_blocks and in_final_epochs(cfg, epoch, cfg.late_freeze_epochs):
         changed = freeze_leading_blocks(model, cfg.late_freeze_blocks) or changed
     return changed
 
@@ -542,9 +542,7 @@ class Run:
     @property
     def steps_per_epoch(self) -> int:
         """Steps in an epoch over the whole training split (the lr schedule's unit)."""
-        loader = self.train_loader
-        n = len(loader.labels)
-        return loader.batches_of((n - n % loader.world_size) // loader.world_size)  # as each rank's slice
+        return self.train_loader.batches_over(None)
 
     @property
     def params(self) -> int:
