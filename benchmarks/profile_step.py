@@ -12,7 +12,8 @@ multiply-add; bf16's VDPBF16PS counts two products a lane) and the one a large m
 the step's precision reaches here (what oneDNN can get). The datapath is 512 bits where ATen's
 kernels run AVX-512 on full-width pipes (Zen 5, Intel Xeon): fp32 64, bf16 128 FLOP per cycle;
 256 bits with AVX2 (ATEN_CPU_CAPABILITY=avx2) or on AMD family 25 (Zen 4 splits each 512-bit
-operation in two): fp32 32, bf16 64.
+operation in two): fp32 32, bf16 64. Where oneDNN multiplies bf16 on AMX tiles (Intel Xeon since
+Sapphire Rapids), bf16 counts the tile unit's 1024 FLOP per cycle.
 
     python benchmarks/profile_step.py --preset fast --out benchmarks/results/profile_fast
     ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 python benchmarks/profile_step.py --precision fp32 \
@@ -96,8 +97,20 @@ def datapath_bits(cpuinfo: str) -> int:
     return 512 if torch.backends.cpu.get_cpu_capability() == "AVX512" and not zen4_or_older else 256
 
 
+def amx_in_use() -> bool:
+    """AMX tiles multiply bf16 where the CPU has them (Intel Xeon since Sapphire Rapids) and
+    ``ONEDNN_MAX_CPU_ISA`` leaves them to oneDNN (a cap without AMX in its name excludes them)."""
+    max_isa = os.environ.get("ONEDNN_MAX_CPU_ISA", os.environ.get("DNNL_MAX_CPU_ISA", "")).strip().upper()
+    return torch.cpu._is_amx_tile_supported() and (max_isa in ("", "ALL", "DEFAULT") or "AMX" in max_isa)
+
+
 def flop_per_cycle(precision: str, cpuinfo: str) -> int:
-    """Two FMA pipes x lanes x 2 FLOP per multiply-add; a bf16 dot-product lane does two products."""
+    """Two FMA pipes x lanes x 2 FLOP per multiply-add; a bf16 dot-product lane does two products.
+    With AMX, bf16 products run on the tile unit instead: 512 multiply-adds per cycle and core
+    (one 16x32 by 32x16 TDPBF16PS every 16 cycles), 1024 FLOP, which the convolutions reach and
+    batch norm and activations do not."""
+    if precision == "bf16" and amx_in_use():
+        return 1024
     lanes = datapath_bits(cpuinfo) // 32
     return 2 * lanes * 2 * (2 if precision == "bf16" else 1)
 
@@ -186,7 +199,8 @@ def main() -> None:
               "matmul_peak_flops": measured_peak, "precision": args.precision,
               "memory_format": layout, "aten_cpu_capability": torch.backends.cpu.get_cpu_capability(),
               "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA", "native"),
-              "flop_per_cycle_per_core": per_cycle, "rows": rows}
+              "flop_per_cycle_per_core": per_cycle, "amx_tiles": args.precision == "bf16" and amx_in_use(),
+              "rows": rows}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
@@ -200,7 +214,8 @@ def main() -> None:
           f"Achieved: **{achieved / 1e9:,.0f} GFLOP/s** (6 x MACs x batch / step time) = "
           f"**{100 * achieved / measured_peak:.0f}%** of what a 2048x2048 {args.precision} matrix product reaches here "
           f"({measured_peak / 1e9:,.0f} GFLOP/s, oneDNN's practical peak) and {100 * achieved / theoretical:.0f}% of "
-          f"{cores} cores x {clock:.2f} GHz x {per_cycle} {args.precision} FLOP per cycle "
+          f"{cores} cores x {clock:.2f} GHz x {per_cycle} {args.precision} FLOP per cycle"
+          f"{' (AMX tiles)' if report['amx_tiles'] else ''} "
           f"({theoretical / 1e9:,.0f} GFLOP/s at the "
           "clock /proc/cpuinfo reports; when the matrix product beats it, the cores run above that clock).", "",
           markdown_table(rows, ["part", "pass", "ms_per_step", "share_%"])]
