@@ -78,7 +78,7 @@ def test_whitening_at_128px_allocates_one_chunk_whatever_the_sample_size():
     assert peaks[1] < 32 * per_image / 10  # the all-at-once version held all 32 images' patches
 
 
-@pytest.mark.parametrize("kernel_size,dilation", [(3, 2), (3, 3), (5, 2)])
+@pytest.mark.parametrize("kernel_size,dilation", [(3, 2), (3, 3), (5, 2), (5, 4)])  # (5, 4): taps past the map
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_dilated_depthwise_backward_passes_gradcheck(kernel_size, dilation, channels_last):
     g = torch.Generator().manual_seed(0)
