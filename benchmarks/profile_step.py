@@ -41,6 +41,7 @@ from common import command_line, machine_info, markdown_table, synthetic_step  #
 from tinycifar.data.augment import augment  # noqa: E402
 from tinycifar.evaluate import autocast_context  # noqa: E402
 from tinycifar.models.summary import model_summary  # noqa: E402
+from tinycifar.training.train import onednn_max_isa  # noqa: E402
 
 
 def conv_kind(module: nn.Conv2d) -> str:
@@ -97,10 +98,13 @@ def datapath_bits(cpuinfo: str) -> int:
     return 512 if torch.backends.cpu.get_cpu_capability() == "AVX512" and not zen4_or_older else 256
 
 
+AMX_BF16_FLOP_PER_CYCLE = 1024
+
+
 def amx_in_use() -> bool:
     """AMX tiles multiply bf16 where the CPU has them (Intel Xeon since Sapphire Rapids) and
     ``ONEDNN_MAX_CPU_ISA`` leaves them to oneDNN (a cap without AMX in its name excludes them)."""
-    max_isa = os.environ.get("ONEDNN_MAX_CPU_ISA", os.environ.get("DNNL_MAX_CPU_ISA", "")).strip().upper()
+    max_isa = onednn_max_isa()
     return torch.cpu._is_amx_tile_supported() and (max_isa in ("", "ALL", "DEFAULT") or "AMX" in max_isa)
 
 
@@ -110,7 +114,7 @@ def flop_per_cycle(precision: str, cpuinfo: str) -> int:
     (one 16x32 by 32x16 TDPBF16PS every 16 cycles), 1024 FLOP, which the convolutions reach and
     batch norm and activations do not."""
     if precision == "bf16" and amx_in_use():
-        return 1024
+        return AMX_BF16_FLOP_PER_CYCLE
     lanes = datapath_bits(cpuinfo) // 32
     return 2 * lanes * 2 * (2 if precision == "bf16" else 1)
 
@@ -125,6 +129,16 @@ def matmul_peak(dtype: torch.dtype, seconds: float = 3.0, n: int = 2048) -> floa
     return 2 * n**3 * count / (time.perf_counter() - t0)
 
 
+def operator_rows(prof: torch.profiler.profile, steps: int, top: int) -> list[dict]:
+    """The operators with the most self time, by input shapes. The parts above time a module's
+    backward from its first hook to its last, which can hold other work the autograd engine runs
+    meanwhile (a residual block's other branch); an operator's self time holds only its own."""
+    events = sorted(prof.key_averages(group_by_input_shape=True), key=lambda e: -e.self_cpu_time_total)
+    return [{"operator": e.key, "input_shapes": " ".join(str(shape) for shape in e.input_shapes if shape),
+             "calls_per_step": e.count // steps, "self_ms_per_step": round(e.self_cpu_time_total / 1000 / steps, 2)}
+            for e in events[:top]]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="fast")
@@ -134,6 +148,7 @@ def main() -> None:
     ap.add_argument("--contiguous", action="store_true", help="NCHW tensors instead of channels_last")
     ap.add_argument("--batch-size", type=int, default=None, help="default: the preset's")
     ap.add_argument("--clock-ghz", type=float, default=None, help="default: /proc/cpuinfo's cpu MHz")
+    ap.add_argument("--ops", type=int, default=15, help="the operators with the most self time to list")
     ap.add_argument("--out", default="benchmarks/results/profile_fast")
     args = ap.parse_args()
 
@@ -166,7 +181,7 @@ def main() -> None:
         if isinstance(module, nn.ReLU):
             module.inplace = False
     label_modules(model)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
         for _ in range(args.steps):
             step()
     ranges = defaultdict(float)
@@ -174,6 +189,7 @@ def main() -> None:
         m = re.match(r"## (.+) \| (.+)", evt.name)
         if m:
             ranges[(m.group(1), m.group(2))] += evt.cpu_time_total / 1e6 / args.steps
+    operators = operator_rows(prof, args.steps, args.ops)
     total_profiled = sum(ranges.values())
     rows = [{"part": part, "pass": kind, "ms_per_step": round(1000 * s, 2),
              "share_%": round(100 * s / step_seconds, 1)} for (part, kind), s in sorted(ranges.items(),
@@ -199,8 +215,8 @@ def main() -> None:
               "matmul_peak_flops": measured_peak, "precision": args.precision,
               "memory_format": layout, "aten_cpu_capability": torch.backends.cpu.get_cpu_capability(),
               "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA", "native"),
-              "flop_per_cycle_per_core": per_cycle, "amx_tiles": args.precision == "bf16" and amx_in_use(),
-              "rows": rows}
+              "flop_per_cycle_per_core": per_cycle, "amx_tiles": per_cycle == AMX_BF16_FLOP_PER_CYCLE,
+              "rows": rows, "operators": operators}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
@@ -218,7 +234,11 @@ def main() -> None:
           f"{' (AMX tiles)' if report['amx_tiles'] else ''} "
           f"({theoretical / 1e9:,.0f} GFLOP/s at the "
           "clock /proc/cpuinfo reports; when the matrix product beats it, the cores run above that clock).", "",
-          markdown_table(rows, ["part", "pass", "ms_per_step", "share_%"])]
+          markdown_table(rows, ["part", "pass", "ms_per_step", "share_%"]), "",
+          f"The {args.ops} operators with the most self time (profiler on, so each takes a little longer; "
+          "a part's backward above is timed between its module's hooks and can hold other branches' work, "
+          "an operator's self time cannot):", "",
+          markdown_table(operators, ["operator", "input_shapes", "calls_per_step", "self_ms_per_step"])]
     out.with_suffix(".md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
 

@@ -106,6 +106,23 @@ def test_the_bf16_peak_counts_amx_tiles_only_where_onednn_may_use_them(monkeypat
     monkeypatch.setattr(profile_step.torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
     monkeypatch.setattr(profile_step.torch.cpu, "_is_amx_tile_supported", lambda: amx)
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", max_isa)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
     intel = "vendor_id\t: GenuineIntel\ncpu family\t: 6\n"
     assert profile_step.flop_per_cycle("bf16", intel) == expected
     assert profile_step.flop_per_cycle("fp32", intel) == 64
+
+
+def test_the_profile_lists_operators_by_their_own_time(tmp_path):
+    """Beside the parts timed between module hooks, the operators' self times: the convolutions'
+    backward appears by its shapes, and no operator takes more than the step."""
+    out = tmp_path / "profile"
+    subprocess.run([sys.executable, str(BENCHMARKS / "profile_step.py"), "--precision", "fp32", "--batch-size", "8",
+                    "--steps", "2", "--ops", "12", "--out", str(out)], check=True, capture_output=True, text=True,
+                   timeout=300)
+    report = json.loads(out.with_suffix(".json").read_text())
+    operators = report["operators"]
+    assert len(operators) == 12
+    assert any(op["operator"] == "aten::convolution_backward" and op["input_shapes"].startswith("[8, ")
+               for op in operators)
+    assert all(0 < op["self_ms_per_step"] <= 1000 * report["step_seconds"] * 1.5 for op in operators)
+    assert "operators with the most self time" in out.with_suffix(".md").read_text()

@@ -604,6 +604,15 @@ def test_auto_precision_on_the_cpu_obeys_onednns_instruction_set_cap(monkeypatch
     assert train_mod.resolve_precision("auto", torch.device("cpu")) == "fp32"  # no cap makes bf16 native
 
 
+def test_an_empty_onednn_cap_leaves_the_older_variable_in_force(monkeypatch):
+    """oneDNN reads DNNL_MAX_CPU_ISA where ONEDNN_MAX_CPU_ISA is unset or empty, so auto does too."""
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "")
+    monkeypatch.setenv("DNNL_MAX_CPU_ISA", "avx2")
+    assert train_mod.onednn_max_isa() == "AVX2"
+    assert train_mod.resolve_precision("auto", torch.device("cpu")) == "fp32"
+
+
 # ---------------------------------------------------------------------------- the GPU path, proven on the CPU
 
 

@@ -85,10 +85,16 @@ def resolve_device(name: str) -> torch.device:
 ONEDNN_ISAS_WITHOUT_BF16 = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX512_CORE", "AVX512_CORE_VNNI"}
 
 
+def onednn_max_isa() -> str:
+    """The instruction-set cap oneDNN runs under (``ONEDNN_MAX_CPU_ISA``, or its older name
+    ``DNNL_MAX_CPU_ISA``), upper-case; empty where none is set."""
+    return (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "").strip().upper()
+
+
 def cpu_supports_bf16() -> bool:
     """Fast bf16 on the CPU needs AVX512-BF16 or AMX, and oneDNN allowed to use them
     (``ONEDNN_MAX_CPU_ISA``); elsewhere autocast is slower than fp32."""
-    max_isa = os.environ.get("ONEDNN_MAX_CPU_ISA", os.environ.get("DNNL_MAX_CPU_ISA", "")).strip().upper()
+    max_isa = onednn_max_isa()
     if max_isa in ONEDNN_ISAS_WITHOUT_BF16:
         return False
     return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
