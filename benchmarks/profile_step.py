@@ -36,7 +36,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import command_line, machine_info, markdown_table, synthetic_step  # noqa: E402
+from common import command_line, kernel_isa, machine_info, markdown_table, synthetic_step  # noqa: E402
 
 from tinycifar.data.augment import augment  # noqa: E402
 from tinycifar.evaluate import autocast_context  # noqa: E402
@@ -208,13 +208,13 @@ def main() -> None:
     theoretical = cores * clock * 1e9 * per_cycle
     measured_peak = matmul_peak(torch.bfloat16 if args.precision == "bf16" else torch.float32)
     layout = "contiguous" if args.contiguous else "channels_last"
+    aten_isa, onednn_isa = kernel_isa()
     report = {"command": command_line(), "machine": machine_info(), "preset": args.preset, "model": cfg.model,
               "batch": cfg.batch_size, "resolution": args.resolution, "step_seconds": step_seconds,
               "images_per_second": cfg.batch_size / step_seconds, "forward_macs_per_image": macs,
               "achieved_flops": achieved, "theoretical_peak_flops": theoretical, "clock_ghz": clock,
               "matmul_peak_flops": measured_peak, "precision": args.precision,
-              "memory_format": layout, "aten_cpu_capability": torch.backends.cpu.get_cpu_capability(),
-              "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA", "native"),
+              "memory_format": layout, "aten_cpu_capability": aten_isa, "onednn_max_cpu_isa": onednn_isa,
               "flop_per_cycle_per_core": per_cycle, "amx_tiles": per_cycle == AMX_BF16_FLOP_PER_CYCLE,
               "rows": rows, "operators": operators}
     out = Path(args.out)
