@@ -17,6 +17,7 @@ from tinycifar.data.loader import DeviceLoader, channel_stats
 from tinycifar.models import create_model
 from tinycifar.training import train as train_module
 from tinycifar.training.lr_find import lr_find, range_test, suggest
+from tinycifar.training.sgd import SGD
 from tinycifar.training.train import resolve_precision
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -56,7 +57,7 @@ def test_range_test_gives_back_the_model_and_optimizer_as_they_were():
     mean, std = channel_stats(train.images)
     torch.manual_seed(0)
     model = create_model("era9")
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    optimizer = SGD(model.parameters(), lr=0.1, momentum=0.9)
     model(torch.zeros(2, 3, 32, 32)).sum().backward()
     optimizer.step()  # some momentum state to keep
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -137,7 +138,7 @@ def test_fp16_steps_the_scaler_skips_are_counted_and_end_the_test_as_diverged():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3, stride=4), nn.Flatten(), nn.Linear(4 * 8 * 8, 10))
     loader = DeviceLoader(train, 25, mean, std, train=True, drop_last=True)
-    result = range_test(model, torch.optim.SGD(model.parameters()), loader, Exploding(), "fp16", 1e-3, 1.0, 40)
+    result = range_test(model, SGD(model.parameters(), lr=0.1), loader, Exploding(), "fp16", 1e-3, 1.0, 40)
     assert all(np.isfinite(result.losses))
     # the scale starts at 2**16 and halves at each skipped step: below 1 after 17 of them
     assert result.diverged and result.skipped_steps == len(result.lrs) == 17

@@ -31,6 +31,7 @@ from tinycifar.data.loader import DeviceLoader
 from tinycifar.evaluate import evaluate
 from tinycifar.models import ClassifierHead, Net, create_model
 from tinycifar.training import train as train_mod
+from tinycifar.training.sgd import SGD
 from tinycifar.training.train import (
     METRIC_FIELDS,
     TrainingError,
@@ -679,7 +680,7 @@ def test_the_scaler_unscales_before_clipping_then_steps_and_updates(monkeypatch,
     calls = []
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda params, max_norm: calls.append("clip"))
     model = nn.Linear(2, 2)
-    applied = train_mod.apply_gradients(torch.optim.SGD(model.parameters()), RecordingScaler(calls, overflow), model,
+    applied = train_mod.apply_gradients(SGD(model.parameters(), lr=0.1), RecordingScaler(calls, overflow), model,
                                         grad_clip=1.0)
     assert calls == ["unscale_", "clip", "step", "update"]
     assert applied is not overflow
@@ -689,7 +690,7 @@ def test_an_overflowing_fp16_step_leaves_weights_and_momentum_untouched():
     """A real GradScaler (torch enables it for fp16 on the CPU too) skips the step and halves its scale."""
     torch.manual_seed(0)
     model = nn.Linear(4, 2)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    optimizer = SGD(model.parameters(), lr=0.1, momentum=0.9)  # the recipes' optimizer
     scaler = train_mod.gradient_scaler(torch.device("cpu"), "fp16")
     assert scaler.is_enabled() and not train_mod.gradient_scaler(torch.device("cpu"), "bf16").is_enabled()
 

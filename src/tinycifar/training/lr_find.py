@@ -38,7 +38,7 @@ from ..data.loader import DeviceLoader
 from ..evaluate import autocast_context
 from ..models.registry import short_name
 from .losses import build_criterion
-from .train import DistEnv, apply_gradients, build_optimizer, gradient_scaler, prepare, set_lr
+from .train import DistEnv, Optimizer, apply_gradients, build_optimizer, gradient_scaler, prepare, set_lr
 
 RULE = "steepest descent of the smoothed loss against log(lr)"
 
@@ -83,7 +83,7 @@ def suggest(lrs: list[float], smoothed: list[float]) -> float:
     return float(lrs[first + int(np.argmin(slope))])
 
 
-def range_test(model: nn.Module, optimizer: torch.optim.Optimizer, loader: DeviceLoader, criterion: nn.Module,
+def range_test(model: nn.Module, optimizer: Optimizer, loader: DeviceLoader, criterion: nn.Module,
                precision: str, start_lr: float = 1e-5, end_lr: float = 10.0, steps: int = 100,
                beta: float = 0.95, diverge: float = 4.0) -> RangeTest:
     """Run the test on ``model``/``optimizer`` and put both back as they were."""

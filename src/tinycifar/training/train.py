@@ -51,6 +51,10 @@ from .ema import WarmupEMA
 from .losses import build_criterion
 from .progress import BarReadout
 from .selection import ImageLosses, selects_hardest
+from .sgd import SGD
+
+# what build_optimizer makes: our SGD (the recipes' optimizer), or torch's Adam/AdamW
+Optimizer = SGD | torch.optim.Optimizer
 
 METRIC_FIELDS = [
     "epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "seconds", "train_seconds_total", "eval_seconds",
@@ -320,13 +324,13 @@ def gradient_scaler(device: torch.device, precision: str) -> torch.amp.GradScale
     return torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
 
-def overflowed(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer) -> bool:
+def overflowed(scaler: torch.amp.GradScaler, optimizer: Optimizer) -> bool:
     """Whether the unscaled gradients hold an inf or NaN, so ``scaler.step`` will skip the step.
     ``GradScaler.step`` reads these same flags on the host, so reading them adds no synchronisation."""
     return any(bool(flag.item()) for flag in scaler._found_inf_per_device(optimizer).values())
 
 
-def apply_gradients(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, model: nn.Module,
+def apply_gradients(optimizer: Optimizer, scaler: torch.amp.GradScaler, model: nn.Module,
                     grad_clip: float) -> bool:
     """Unscale (clipping must see the true gradients), clip, step, update the scale; returns False when
     the fp16 gradients overflowed and the step was skipped (weights and momentum untouched)."""
@@ -360,12 +364,12 @@ class CompiledOnce(nn.Module):
         return self.compiled(x)
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> Optimizer:
     groups = param_groups(model, cfg)
     for g in groups:
         g["lr"] = cfg.lr * g["lr_scale"]
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
+        return SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
     if cfg.optimizer == "adam":
         return torch.optim.Adam(groups, lr=cfg.lr)
     return torch.optim.AdamW(groups, lr=cfg.lr)
@@ -392,7 +396,7 @@ def lr_factor(step: int, total: int, steps_per_epoch: int, cfg: TrainConfig) -> 
     return end + (1 - end) * 0.5 * (1 + math.cos(math.pi * u))
 
 
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+def set_lr(optimizer: Optimizer, lr: float) -> None:
     for g in optimizer.param_groups:
         g["lr"] = lr * g.get("lr_scale", 1.0)
 
@@ -517,7 +521,7 @@ class Run:
     net: nn.Module  # what a step calls: the model, wrapped in DDP and/or torch.compile
     ema: WarmupEMA | None
     source: ModelSource
-    optimizer: torch.optim.Optimizer
+    optimizer: Optimizer
     scaler: torch.amp.GradScaler
     criterion: nn.Module
     train_loader: DeviceLoader
