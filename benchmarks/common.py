@@ -19,6 +19,7 @@ from torch import nn
 
 if TYPE_CHECKING:
     from tinycifar.config import TrainConfig
+    from tinycifar.training.train import Optimizer
 
 
 def kernel_isa() -> tuple[str, str]:
@@ -119,7 +120,7 @@ class SyntheticStep:
 
     cfg: TrainConfig
     model: nn.Module
-    optimizer: torch.optim.Optimizer
+    optimizer: Optimizer
     criterion: nn.Module
     x_raw: torch.Tensor  # normalized, not yet augmented
     y: torch.Tensor

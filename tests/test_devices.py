@@ -36,12 +36,13 @@ STEP_FAULTS = """
 import resource, sys, torch
 from torch.nn import functional as F
 from tinycifar.models import create_model
+from tinycifar.training.sgd import SGD
 from tinycifar.training.train import tune_backends
 if sys.argv[1] == "tuned":
     tune_backends(torch.device("cpu"))
 torch.manual_seed(0)
 model = create_model("fastnet").to(memory_format=torch.channels_last)
-optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+optimizer = SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)  # as training steps
 x, y = torch.randn(128, 3, 32, 32).contiguous(memory_format=torch.channels_last), torch.randint(0, 10, (128,))
 def step():
     loss = F.cross_entropy(model(x), y)

@@ -21,9 +21,10 @@ def groups_of(model: nn.Module) -> list[dict]:
             dict(params=rest, weight_decay=0.0, lr=0.4, lr_scale=4.0)]
 
 
-def network() -> nn.Module:
+def network(dtype: torch.dtype = torch.float32) -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 10))
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 10))
+    return net.to(dtype)
 
 
 def run_steps(optimizer, model: nn.Module, start: int, stop: int, total: int = 6) -> None:
@@ -31,6 +32,7 @@ def run_steps(optimizer, model: nn.Module, start: int, stop: int, total: int = 6
     g = torch.Generator().manual_seed(1)
     for i in range(stop):
         x, y = torch.randn(16, 3, 8, 8, generator=g), torch.randint(0, 10, (16,), generator=g)
+        x = x.to(next(model.parameters()).dtype)
         if i < start:
             continue
         for group in optimizer.param_groups:
@@ -48,9 +50,11 @@ def train_steps(optimizer_class, model: nn.Module, steps: int, momentum: float, 
     return optimizer
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("momentum,nesterov", [(0.9, True), (0.9, False), (0.0, False)])
-def test_steps_equal_torchs_to_the_last_bit(momentum, nesterov):
-    ours, theirs = network(), network()
+def test_steps_equal_torchs_to_the_last_bit(momentum, nesterov, dtype):
+    """bf16 parameters too: a foreach product would round the momentum to bf16 first, torch's does not."""
+    ours, theirs = network(dtype), network(dtype)
     a = train_steps(SGD, ours, 6, momentum, nesterov)
     b = train_steps(torch.optim.SGD, theirs, 6, momentum, nesterov)
     for p, q in zip(ours.parameters(), theirs.parameters(), strict=True):
@@ -89,11 +93,25 @@ def test_loading_copies_the_buffers_and_refuses_other_groups():
         SGD(groups_of(model), lr=0.1, nesterov=True)
 
 
+def test_settings_it_cannot_follow_are_refused_and_groups_taken_as_torch_takes_them():
+    model = network()
+    torchs = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, dampening=0.1)
+    ours = SGD(model.parameters(), lr=0.1, momentum=0.9)
+    with pytest.raises(ValueError, match=r"dampening=0.1 is not supported"):
+        ours.load_state_dict(torchs.state_dict())
+    with pytest.raises(ValueError, match="maximize"):
+        SGD([dict(params=list(model.parameters()), maximize=True)], lr=0.1)
+    with pytest.raises(ValueError, match="empty parameter list"):
+        SGD([], lr=0.1)
+    weight = model[0].weight
+    assert SGD([dict(params=weight)], lr=0.1).param_groups[0]["params"] == [weight]  # one tensor, not its rows
+
+
 def test_a_training_run_never_imports_the_compiler():
     """The reason for the class: torch.optim imports torch._dynamo on its first use (over a second)."""
     code = ("import sys; from tinycifar.config import resolve_config; from tinycifar.training.train import train; "
             "train(resolve_config('fast', overrides=dict(dataset='synthetic', synthetic_size=256, batch_size=64, "
-            "epochs=2, precision='fp32', device='cpu', quiet=True, out=sys.argv[1]))); "
+            "epochs=1, precision='fp32', device='cpu', quiet=True, out=sys.argv[1]))); "
             "print('torch._dynamo' in sys.modules)")
     with tempfile.TemporaryDirectory() as out:
         done = subprocess.run([sys.executable, "-c", code, out + "/run"], capture_output=True, text=True, timeout=300)

@@ -1,12 +1,14 @@
 """SGD with momentum (Nesterov optional): torch.optim.SGD's arithmetic, bit for bit, without its start-up.
 
 Why not ``torch.optim.SGD``: building any ``torch.optim`` optimizer imports ``torch._dynamo`` (its
-methods are wrapped to keep the compiler out), 1.3 s of a 2-core Xeon's and 1.6 s of a Zen 3's
-start-up in a run that needs no compiler; and on the CPU its step loops over the tensors in Python.
-This one steps each parameter group with foreach operations, which compute the same numbers as
-torch's loop (the same elementwise products and sums in the same order): a run is the same run to
-the last bit either way. ``state_dict`` has torch's layout, so checkpoints resume under either, and
-``torch.amp.GradScaler`` drives it as it drives torch's (``param_groups``, ``step``).
+methods are wrapped to keep the compiler out), about a second of a 2-core CPU's start-up in a run
+that needs no compiler (benchmarks/README.md, "Speed IX"). This one computes what torch's CPU loop
+computes, in the same order: the weight decay, the buffer's update and the step are foreach sums,
+which round as torch's per-tensor ones do; the momentum scaling stays per tensor, since a foreach
+product rounds the factor to a bf16 or fp16 parameter's dtype first and torch's does not. A run
+is the same run to the last bit either way. ``state_dict`` has torch's layout, so checkpoints
+resume under either, and ``torch.amp.GradScaler`` drives it as it drives torch's (``param_groups``,
+``step``).
 """
 
 from __future__ import annotations
@@ -17,25 +19,35 @@ from typing import Any
 
 import torch
 
-# the keys torch.optim.SGD puts in each group; a state dict of ours loads into it and back
+# the keys torch.optim.SGD adds to each group, at the values whose arithmetic this class has
 TORCH_GROUP_KEYS = dict(dampening=0, maximize=False, foreach=None, differentiable=False, fused=None)
+ARITHMETIC_KEYS = ("dampening", "maximize")
 
 
 class SGD:
-    """``torch.optim.SGD(groups, lr, momentum, nesterov=...)`` with dampening 0, each group's own
-    ``lr`` and ``weight_decay`` (extra keys such as ``lr_scale`` ride along, as with torch's)."""
+    """``torch.optim.SGD(params, lr, momentum, nesterov=..., weight_decay=...)`` with dampening 0; groups
+    may set their own ``lr`` and ``weight_decay`` (extra keys such as ``lr_scale`` ride along)."""
 
     def __init__(self, params: Iterable[torch.Tensor] | Iterable[dict[str, Any]], lr: float, momentum: float = 0.0,
-                 nesterov: bool = False, weight_decay: float = 0.0):
+                 *, nesterov: bool = False, weight_decay: float = 0.0) -> None:
         if nesterov and momentum <= 0:
             raise ValueError("Nesterov momentum needs a momentum above 0")
         self.defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov,
                              **TORCH_GROUP_KEYS)
         groups = list(params)
-        if groups and isinstance(groups[0], torch.Tensor):  # one group of plain parameters, as torch takes them
+        if not groups:
+            raise ValueError("optimizer got an empty parameter list")
+        if not isinstance(groups[0], dict):  # one group of plain parameters, as torch takes them
             groups = [dict(params=groups)]
-        self.param_groups = [{**self.defaults, **group, "params": list(group["params"])} for group in groups]
+        self.param_groups = [self._group(g) for g in groups]
         self.state: defaultdict[torch.Tensor, dict[str, torch.Tensor]] = defaultdict(dict)
+
+    def _group(self, group: dict[str, Any]) -> dict[str, Any]:
+        params = group["params"]
+        params = [params] if isinstance(params, torch.Tensor) else list(params)
+        group = {**self.defaults, **group, "params": params}
+        check_arithmetic(group)
+        return group
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for group in self.param_groups:
@@ -47,6 +59,8 @@ class SGD:
 
     @torch.no_grad()
     def step(self) -> None:
+        """One update of every parameter with a gradient; those without one (frozen, or unused by this
+        step) keep their weights and momentum, as with torch's."""
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if params:
@@ -58,16 +72,18 @@ class SGD:
             grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
         momentum = group["momentum"]
         if momentum != 0:
-            states = [self.state[p] for p in params]
-            running = [(s["momentum_buffer"], g) for s, g in zip(states, grads, strict=True) if "momentum_buffer" in s]
+            buffers = []
+            for p, g in zip(params, grads, strict=True):
+                state = self.state[p]
+                if "momentum_buffer" in state:
+                    buffers.append(state["momentum_buffer"].mul_(momentum))
+                else:  # a parameter's first step: torch starts its buffer at the gradient
+                    state["momentum_buffer"] = g.detach().clone()
+                    buffers.append(None)
+            running = [(b, g) for b, g in zip(buffers, grads, strict=True) if b is not None]
             if running:
-                buffers, their_grads = map(list, zip(*running, strict=True))
-                torch._foreach_mul_(buffers, momentum)
-                torch._foreach_add_(buffers, their_grads)
-            for s, g in zip(states, grads, strict=True):
-                if "momentum_buffer" not in s:  # a parameter's first step: torch starts its buffer at the gradient
-                    s["momentum_buffer"] = g.detach().clone()
-            buffers = [s["momentum_buffer"] for s in states]
+                torch._foreach_add_([b for b, _ in running], [g for _, g in running])
+            buffers = [self.state[p]["momentum_buffer"] for p in params]
             grads = torch._foreach_add(grads, buffers, alpha=momentum) if group["nesterov"] else buffers
         torch._foreach_add_(params, grads, alpha=-group["lr"])
 
@@ -81,15 +97,28 @@ class SGD:
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Groups' settings and momentum buffers (copied, onto each parameter's device and dtype) from
-        ``state_dict()`` of this class or of torch.optim.SGD over the same parameter groups."""
+        ``state_dict()`` of this class or of torch.optim.SGD over the same parameter groups; nothing
+        changes when it does not fit."""
         saved = state_dict["param_groups"]
         if [len(g["params"]) for g in saved] != [len(g["params"]) for g in self.param_groups]:
             raise ValueError("loaded state dict's parameter groups differ from the optimizer's")
-        params = [p for g in self.param_groups for p in g["params"]]
-        self.state = defaultdict(dict)
+        for g in saved:
+            check_arithmetic(g)
+        position = {i: p for g, mine in zip(saved, self.param_groups, strict=True)
+                    for i, p in zip(g["params"], mine["params"], strict=True)}
+        state: defaultdict[torch.Tensor, dict[str, torch.Tensor]] = defaultdict(dict)
         for i, s in state_dict["state"].items():
-            if s.get("momentum_buffer") is not None:
-                p = params[int(i)]
-                self.state[p]["momentum_buffer"] = s["momentum_buffer"].to(p.device, p.dtype, copy=True)
+            if s.get("momentum_buffer") is not None:  # older torch wrote None for momentum 0
+                p = position[i]
+                state[p]["momentum_buffer"] = s["momentum_buffer"].to(p.device, p.dtype, copy=True)
+        self.state = state
         for group, loaded in zip(self.param_groups, saved, strict=True):
             group.update({k: v for k, v in loaded.items() if k != "params"})
+
+
+def check_arithmetic(group: dict[str, Any]) -> None:
+    """Refuse settings of torch's SGD whose arithmetic this class does not have (a resumed checkpoint
+    of torch's with dampening, say), rather than step differently without a word."""
+    for key in ARITHMETIC_KEYS:
+        if group.get(key, TORCH_GROUP_KEYS[key]) != TORCH_GROUP_KEYS[key]:
+            raise ValueError(f"SGD: {key}={group[key]!r} is not supported (only {TORCH_GROUP_KEYS[key]!r})")
