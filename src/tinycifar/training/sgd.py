@@ -72,17 +72,16 @@ class SGD:
             grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
         momentum = group["momentum"]
         if momentum != 0:
-            buffers = []
+            running, their_grads = [], []  # buffers from earlier steps, and the gradients they take in
             for p, g in zip(params, grads, strict=True):
                 state = self.state[p]
                 if "momentum_buffer" in state:
-                    buffers.append(state["momentum_buffer"].mul_(momentum))
+                    running.append(state["momentum_buffer"].mul_(momentum))
+                    their_grads.append(g)
                 else:  # a parameter's first step: torch starts its buffer at the gradient
                     state["momentum_buffer"] = g.detach().clone()
-                    buffers.append(None)
-            running = [(b, g) for b, g in zip(buffers, grads, strict=True) if b is not None]
             if running:
-                torch._foreach_add_([b for b, _ in running], [g for _, g in running])
+                torch._foreach_add_(running, their_grads)
             buffers = [self.state[p]["momentum_buffer"] for p in params]
             grads = torch._foreach_add(grads, buffers, alpha=momentum) if group["nesterov"] else buffers
         torch._foreach_add_(params, grads, alpha=-group["lr"])
