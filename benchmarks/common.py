@@ -24,8 +24,12 @@ if TYPE_CHECKING:
 
 def kernel_isa() -> tuple[str, str]:
     """The instruction sets the kernels run with: ATen's and oneDNN's cap ("native" when not capped;
-    ``ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2`` approximates an AVX2-only CPU)."""
-    return torch.backends.cpu.get_cpu_capability(), os.environ.get("ONEDNN_MAX_CPU_ISA", "native")
+    ``ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2`` approximates an AVX2-only CPU). oneDNN's cap is
+    read as training reads it (``onednn_max_isa``: the older ``DNNL_MAX_CPU_ISA`` where the new name is
+    unset or empty), so a result's label and ``--precision auto`` never disagree."""
+    from tinycifar.training.train import onednn_max_isa
+
+    return torch.backends.cpu.get_cpu_capability(), onednn_max_isa() or "native"
 
 
 def recipe_batch_size(preset: str, precision: str) -> int:

@@ -34,8 +34,12 @@ def test_the_command_line_carries_the_variables_that_choose_the_kernels(monkeypa
 
 def test_results_name_the_instruction_sets_the_kernels_ran_with(monkeypatch):
     monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
     assert common.kernel_isa()[1] == "native"
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert common.kernel_isa()[1] == "AVX2"
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "")  # oneDNN then reads the older name, as training does
+    monkeypatch.setenv("DNNL_MAX_CPU_ISA", "avx2")
     assert common.kernel_isa()[1] == "AVX2"
 
 
