@@ -138,7 +138,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # 0.18 was +0.38 points over 5 seeds, 0.22 pays for the selection of the second epoch and for
     # 65% instead of 70%; 60% lost 0.22 points more). benchmarks/README.md, "Speed III" to "Speed XI",
     # has the runs, and the levers that lost the promise (late_freeze_blocks=2: 0.91x the training,
-    # -0.25 points; C1 frozen at 32x32: -0.76; a 24x24 fourth epoch: about -0.6).
+    # -0.25 points; C1 frozen at 32x32: -0.76; a 24x24 fourth epoch: about -0.7).
     "fast": dict(
         model="fastnet", epochs=6, batch_size=256, aug=dict(policy="fast", cutout_size=0),
         optimizer="sgd", lr=0.175, nesterov=True, weight_decay=5e-4, schedule="onecycle",
