@@ -78,7 +78,7 @@ def machine_info() -> dict:
 
 # Set, these change which kernels run (the lab approximates AVX2-only CPUs with them): a result's
 # command must carry them to be reproduced.
-KERNEL_VARIABLES = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")
+KERNEL_VARIABLES = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
 
 
 def command_line() -> str:

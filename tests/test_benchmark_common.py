@@ -11,11 +11,14 @@ import types
 from pathlib import Path
 
 import pytest
+import torch
+from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import airbench_cpu  # noqa: E402
 import common  # noqa: E402
+import conv_weight_grad  # noqa: E402
 
 from tinycifar.config import resolve_config  # noqa: E402
 
@@ -54,6 +57,8 @@ def test_the_step_benchmarks_time_the_batch_each_precision_trains_at():
      ["training step, 20x20", "layer: 96 channels, 5x5, dilation 3"]),
     ("page_faults.py", ["--rounds", "1", "--warmup", "1", "--steps", "1", "--batch-size", "16"],
      ["glibc default", "kept"]),
+    ("conv_weight_grad.py", ["--resolutions", "16", "--rounds", "1", "--batch-size", "8"],
+     ["32->64, stride 2", "96->96, stride 1, dilation 2"]),
     ("fp32_levers.py", ["--rounds", "1", "--steps", "1", "--no-compile", "--resolution", "16", "--frozen-stem",
                         "--late-freeze", "2"],
      ["channels_last", "contiguous", "eager, stem frozen", "eager, first 2 blocks frozen"]),
@@ -68,6 +73,19 @@ def test_the_step_benchmarks_run_end_to_end(tmp_path, script, args, parts):
     timings = [v for r in rows for k, v in r.items() if k.endswith("_ms") and not isinstance(v, str)]
     assert timings and all(v > 0 for v in timings)
     assert out.with_suffix(".md").read_text().startswith("# ")
+
+
+@pytest.mark.parametrize("stride, dilation, padding, size", [(1, 2, 2, 8), (1, 2, 2, 5), (2, 1, 1, 16), (2, 1, 1, 15),
+                                                            (1, 3, 3, 4), (2, 2, 0, 9)])
+def test_the_weight_gradient_by_taps_is_pytorchs(stride, dilation, padding, size):
+    """Each tap's matrix product covers exactly the pixels where its shifted input overlaps the map."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(5, 7, 3, stride, padding, dilation, bias=False)
+    x = torch.randn(3, 5, size, size).contiguous(memory_format=torch.channels_last)
+    y = conv(x)
+    grad = torch.randn_like(y).contiguous(memory_format=torch.channels_last)
+    expected = torch.autograd.grad(y, conv.weight, grad)[0]
+    torch.testing.assert_close(conv_weight_grad.weight_grad_by_taps(grad, x, conv), expected, atol=1e-5, rtol=1e-4)
 
 
 def test_a_missing_airbench_is_one_line_before_anything_runs(monkeypatch):

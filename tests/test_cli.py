@@ -87,6 +87,8 @@ BAD_TRAIN_OPTIONS = {
     "--set keep_hardest 0": (["--set", "keep_hardest=0"], "keep_hardest: expected a share of the training images"),
     "--set keep_hardest 1.5": (["--set", "keep_hardest=1.5"], "keep_hardest: expected"),
     "--set keep_hardest_epochs 0": (["--set", "keep_hardest_epochs=0"], "keep_hardest_epochs: expected a positive"),
+    "--set mid_res 40": (["--set", "mid_res=40"], "mid_res: expected 0 (off) or a size in 8..32"),
+    "--set mid_res_epochs 0": (["--set", "mid_res_epochs=0"], "mid_res_epochs: expected a positive"),
     "--mix with the jsd loss": (["--mix", "cutmix", "--augmix", "jsd"], "aug.mix"),
     "--set mix probability 2": (["--mix", "mixup", "--set", "aug.mix_p=2"], "aug.mix_p"),
     "--set by_precision unknown precision": (["--set", 'by_precision={"fp64": {}}'], "by_precision"),

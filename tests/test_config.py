@@ -15,6 +15,7 @@ from tinycifar.config import (
     apply_precision_recipe,
     parse_assignments,
     resolve_config,
+    train_resolution,
 )
 from tinycifar.models import MODEL_REGISTRY, count_params, create_model
 from tinycifar.training.selection import selects_hardest
@@ -84,8 +85,11 @@ def test_the_fast_recipe_chosen_for_each_precision_is_the_documented_one():
     apply_precision_recipe(bf16, "bf16")
     apply_precision_recipe(fp32, "fp32")
     assert bf16 == resolve_config("fast")  # the bf16 recipe is the preset itself, unchanged
+    assert bf16.model == fp32.model == "fastnet"
     low_res_epochs = [int(c.low_res_fraction * c.epochs) for c in (bf16, fp32)]
     assert low_res_epochs == [2, 3] and bf16.epochs == fp32.epochs == 6
+    sizes = [[train_resolution(c, epoch) or 32 for epoch in range(c.epochs)] for c in (bf16, fp32)]
+    assert sizes == [[20, 20, 32, 32, 32, 32], [20, 20, 20, 32, 32, 32]]
     assert (bf16.batch_size, fp32.batch_size) == (256, 128)
     assert (bf16.aug.alternate_flip, fp32.aug.alternate_flip) == (False, True)
     assert (bf16.freeze_stem_after, fp32.freeze_stem_after) == (-1, low_res_epochs[1])  # for the 32x32 epochs

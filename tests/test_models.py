@@ -167,3 +167,12 @@ def test_squeeze_excite_scales_each_channel_by_a_gate_from_the_whole_map():
     shifted[0, :, 0, 0] += 10  # one pixel moves every channel's gate of that image only
     assert not torch.allclose(se(shifted)[0, :, 4, 4], out[0, :, 4, 4])
     assert torch.allclose(se(shifted)[1], out[1])
+
+
+def test_fastnet_without_its_16x16_block_keeps_every_rule():
+    lite, full = create_model("fastnet", block16=False), create_model("fastnet")
+    report = check(lite)
+    assert report.passed, report.format()
+    assert (report.params, report.receptive_field) == (173_002, 49)
+    assert count_params(full) - count_params(lite) == sum(p.numel() for p in full.features[1][0].parameters())
+    assert len(lite.features[1]) == 1 and lite(torch.randn(2, 3, 32, 32)).shape == (2, 10)

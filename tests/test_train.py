@@ -576,7 +576,13 @@ def test_freezing_the_stem_without_a_whitening_stem_freezes_nothing(tmp_path):
     assert not torch.equal(stem_norm.bias, torch.zeros(32))
 
 
-def test_progressive_resizing_trains_the_first_epochs_at_low_resolution(tmp_path, monkeypatch):
+@pytest.mark.parametrize(("options", "sizes"), [
+    (dict(low_res=16, low_res_fraction=0.5), [16, 16, 32, 32]),
+    (dict(low_res=16, low_res_fraction=0.25, mid_res=24, mid_res_epochs=2), [16, 24, 24, 32]),
+    (dict(low_res=16, low_res_fraction=0.5, mid_res=28), [16, 16, 28, 32]),
+    (dict(low_res=0, mid_res=24), [32, 32, 32, 32]),  # low_res=0 turns the resizing off, mid_res with it
+])
+def test_progressive_resizing_trains_each_epoch_at_its_size(tmp_path, monkeypatch, options, sizes):
     seen = []
     original = DeviceLoader.__iter__
 
@@ -587,9 +593,11 @@ def test_progressive_resizing_trains_the_first_epochs_at_low_resolution(tmp_path
             yield x, y
 
     monkeypatch.setattr(DeviceLoader, "__iter__", spy)
-    train(quick_cfg(tmp_path / "run", epochs=4, low_res=16, low_res_fraction=0.5))
-    steps = [int(h["train_images"]) // 32 for h in read_metrics(tmp_path / "run")]  # the fp32 recipe: last fewer
-    assert seen == [16] * sum(steps[:2]) + [32] * sum(steps[2:])
+    train(quick_cfg(tmp_path / "run", epochs=4, **options))
+    rows = read_metrics(tmp_path / "run")
+    steps = [int(h["train_images"]) // 32 for h in rows]  # the fp32 recipe: last fewer
+    assert seen == [size for size, n in zip(sizes, steps, strict=True) for _ in range(n)]
+    assert [int(h["train_size"]) for h in rows] == sizes
 
 
 @pytest.mark.parametrize(("max_isa", "expected"), [("", "bf16"), ("AVX2", "fp32"), ("avx512_core_vnni", "fp32"),

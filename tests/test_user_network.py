@@ -208,8 +208,28 @@ def test_a_network_that_cannot_take_the_low_resolution_epochs(tmp_path, capsys):
     rc, _, err = run_main(capsys, ["train", "--model", f"{net}:Net", "--out", tmp_path / "r", *TRAIN, "--epochs", "3"])
     one_line(rc, err, "20x20", "--set low_res=0")
     rc, _, _ = run_main(capsys, ["train", "--model", f"{net}:Net", "--out", tmp_path / "r", *TRAIN,
-                                 "--set", "low_res=0", "--epochs", "1"])
-    assert rc == 0
+                                 "--set", "low_res=0", "--set", "mid_res=28", "--epochs", "1"])
+    assert rc == 0  # low_res=0: every epoch at 32x32
+
+
+def test_a_network_that_cannot_take_the_mid_resolution_epoch(tmp_path, capsys):
+    net = tmp_path / "two_sizes.py"
+    net.write_text(textwrap.dedent("""
+        from torch import nn
+        class Net(nn.Module):  # a head for 20x20 and one for 32x32 maps, none for 28x28
+            def __init__(self):
+                super().__init__()
+                self.conv = nn.Conv2d(3, 8, 3, padding=1)
+                self.at20, self.at32 = nn.Linear(8 * 20 * 20, 10), nn.Linear(8 * 32 * 32, 10)
+            def forward(self, x):
+                x = self.conv(x).flatten(1)
+                return self.at20(x) if x.shape[1] == 8 * 20 * 20 else self.at32(x)
+    """))
+    # one of three epochs at 20x20 in either precision's recipe, then one at 28x28
+    rc, _, err = run_main(capsys, ["train", "--model", f"{net}:Net", "--out", tmp_path / "r", *TRAIN,
+                                   "--epochs", "3", "--set", "mid_res=28", "--set", "whiten_stem=false"])
+    one_line(rc, err, "28x28", "--set mid_res=0")
+    assert not (tmp_path / "r").exists()
 
 
 @pytest.mark.slow

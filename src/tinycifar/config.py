@@ -64,6 +64,10 @@ class TrainConfig:
     freeze_norm_scale: bool = False  # keep batch-norm scales at 1 (airbench)
     low_res: int = 0  # progressive resizing: train the first epochs at low_res x low_res (0 = off)
     low_res_fraction: float = 0.5  # share of the epochs trained at low_res
+    # a second step of the resizing: the mid_res_epochs epochs after the low_res ones train at mid_res x mid_res
+    # (0 = off; low_res=0 turns both off), an epoch cheaper than at full size
+    mid_res: int = 0
+    mid_res_epochs: int = 1
     whiten_stem: bool = False  # first conv = frozen whitening of training patches (airbench)
     freeze_stem_after: int = -1  # with whiten_stem: epochs before its batch norm freezes too (-1 never)
     # FreezeOut (Brock et al., 2017), opt-in: the network's first N feature blocks stop training for the
@@ -136,9 +140,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     # first (two at 20x20, the three at 32x32) trains on the 65% of the images with the highest loss
     # (keep_hardest), 0.65x its steps; and the peak lr is 0.22 (a square-root scaling gave 0.12:
     # 0.18 was +0.38 points over 5 seeds, 0.22 pays for the selection of the second epoch and for
-    # 65% instead of 70%; 60% lost 0.22 points more). benchmarks/README.md, "Speed III" to "Speed XI",
-    # has the runs, and the levers that lost the promise (late_freeze_blocks=2: 0.91x the training,
-    # -0.25 points; C1 frozen at 32x32: -0.76; a 24x24 fourth epoch: about -0.7).
+    # 65% instead of 70%; 60% lost 0.22 points more). benchmarks/README.md, "Speed III" to "Speed XII",
+    # has the runs, and the levers that lost the promise or saved nothing (late_freeze_blocks=2: 0.91x
+    # the training, -0.25 points; C1 frozen at 32x32: -0.76; a 24x24 fourth epoch: about -0.7; a 28x28
+    # one, mid_res=28: 0.97x the wall clock, -0.28; fastnet without its 16x16 block, block16=False:
+    # -1.2 points in six epochs, and seven took as long as fastnet's six approximating AVX2).
     "fast": dict(
         model="fastnet", epochs=6, batch_size=256, aug=dict(policy="fast", cutout_size=0),
         optimizer="sgd", lr=0.175, nesterov=True, weight_decay=5e-4, schedule="onecycle",
@@ -167,6 +173,19 @@ def in_final_epochs(cfg: TrainConfig, epoch: int, last: int) -> bool:
     """Whether epoch (0-based) is among the run's ``last`` epochs; never the first, before which nothing
     has trained (so no block is frozen untrained and no loss is known to select by)."""
     return epoch >= max(1, cfg.epochs - last)
+
+
+def train_resolution(cfg: TrainConfig, epoch: int) -> int | None:
+    """The size epoch (0-based) trains at: low_res, then mid_res, then None (the images' own size).
+    low_res=0 turns the resizing off, mid_res with it: the images' own size throughout."""
+    if not cfg.low_res:
+        return None
+    low_epochs = int(cfg.low_res_fraction * cfg.epochs)
+    if epoch < low_epochs:
+        return cfg.low_res
+    if cfg.mid_res and epoch < low_epochs + cfg.mid_res_epochs:
+        return cfg.mid_res
+    return None
 
 
 def apply_overrides(cfg: TrainConfig, values: dict[str, Any], source: str) -> TrainConfig:
@@ -408,6 +427,8 @@ def validate(cfg: TrainConfig) -> None:
          cfg.eval_every)
     need(cfg.low_res == 0 or 8 <= cfg.low_res <= 32, "low_res", "0 (off) or a size in 8..32", cfg.low_res)
     need(0 <= cfg.low_res_fraction <= 1, "low_res_fraction", "a number in [0, 1]", cfg.low_res_fraction)
+    need(cfg.mid_res == 0 or 8 <= cfg.mid_res <= 32, "mid_res", "0 (off) or a size in 8..32", cfg.mid_res)
+    need(cfg.mid_res_epochs >= 1, "mid_res_epochs", "a positive number of epochs", cfg.mid_res_epochs)
     need(cfg.freeze_stem_after >= -1, "freeze_stem_after", "-1 (never), 0 (from the start) or a number of epochs",
          cfg.freeze_stem_after)
     need(cfg.late_freeze_blocks >= 0, "late_freeze_blocks", "0 (off) or a number of leading feature blocks",

@@ -39,7 +39,7 @@ from ..checkpoint import (
     save_checkpoint,
     user_code_refusal,
 )
-from ..config import ConfigError, TrainConfig, apply_precision_recipe, in_final_epochs
+from ..config import ConfigError, TrainConfig, apply_precision_recipe, in_final_epochs, train_resolution
 from ..data import DatasetError, Split, load_cifar10, synthetic_cifar10
 from ..data.folders import load_image_folders
 from ..data.loader import DeviceLoader, channel_stats
@@ -62,6 +62,7 @@ METRIC_FIELDS = [
     "skipped_steps",  # fp16: steps the gradient scaler skipped because the gradients overflowed
     "compile_seconds",  # --compile: the first step at each new image size, where it compiles (not in seconds)
     "train_images",  # images the epoch trained on (all ranks): fewer than the split's under keep_hardest
+    "train_size",  # the side in pixels of the images it trained at: low_res, mid_res or their own
 ]
 
 
@@ -472,15 +473,16 @@ def model_kwargs(cfg: TrainConfig) -> dict[str, Any]:
 
 def build_network(cfg: TrainConfig, model: nn.Module | None = None) -> tuple[nn.Module, ModelSource]:
     """The run's network: ``model`` when the Python API was handed one, else the one ``cfg.model``
-    names, checked to map the batches this recipe feeds it (low-resolution epochs included)."""
+    names, checked to map the batches this recipe feeds it (its smaller epochs included)."""
     network, source = build_model(model if model is not None else cfg.model, model_kwargs(cfg),
                                   cfg.model_kwargs.get("num_classes", 10), cfg.image_size)
-    if cfg.low_res and int(cfg.low_res_fraction * cfg.epochs) > 0:
+    for size in sorted({train_resolution(cfg, epoch) for epoch in range(cfg.epochs)} - {None}):
+        option = "low_res" if size == cfg.low_res else "mid_res"
         try:
-            check_output(network, f"--model {source.spec}", cfg.model_kwargs.get("num_classes", 10), cfg.low_res)
+            check_output(network, f"--model {source.spec}", cfg.model_kwargs.get("num_classes", 10), size)
         except ModelError as e:
-            raise ModelError(f"{e}; the {cfg.preset} preset trains its first epochs at {cfg.low_res}x{cfg.low_res}: "
-                             "pass --set low_res=0 to train at 32x32 only") from None
+            raise ModelError(f"{e}; the {cfg.preset} preset trains epochs at {size}x{size} ({option}): "
+                             f"pass --set {option}=0 to train at full size") from None
     return network, source
 
 
@@ -740,6 +742,7 @@ class EpochStats:
     skipped_steps: int = 0
     compile_seconds: float = 0.0  # --compile: the step that compiled at this image size, not in ``seconds``
     images: int = 0  # trained on, all ranks
+    size: int = 0  # the side of the images trained on (progressive resizing)
 
 
 def choose_images(run: Run, epoch: int) -> torch.Tensor | None:
@@ -758,7 +761,7 @@ def train_one_epoch(run: Run, epoch: int) -> EpochStats:
     """
     cfg, device, steps, losses = run.cfg, run.device, run.steps_per_epoch, run.image_losses
     run.train_loader.set_epoch(epoch)
-    run.train_loader.resolution = cfg.low_res if epoch < int(cfg.low_res_fraction * cfg.epochs) else None
+    run.train_loader.resolution = train_resolution(cfg, epoch)
     run.train_loader.subset = choose_images(run, epoch)
     batches = len(run.train_loader)
     # dropout stream: reproducible on resume, and its own on each rank
@@ -818,8 +821,9 @@ def train_one_epoch(run: Run, epoch: int) -> EpochStats:
                 else "no checkpoint was written yet")
         raise TrainingError(f"epoch {epoch + 1}: training loss is {train_loss}; stopped, {good}; "
                             "lower --lr or set a --grad-clip")
+    size = run.train_loader.resolution or run.train_loader.images.shape[-1]
     # every rank takes as many images; counted on the host, so no read from the device
-    return EpochStats(train_loss, train_acc, seconds, lr, skipped, compile_seconds, seen * run.env.world_size)
+    return EpochStats(train_loss, train_acc, seconds, lr, skipped, compile_seconds, seen * run.env.world_size, size)
 
 
 def compiled_step_seconds(run: Run, t0: float) -> float:
@@ -873,7 +877,8 @@ def evaluate_and_checkpoint(run: Run, epoch: int, stats: EpochStats) -> float | 
         "test_acc": round(result.accuracy, 4) if result else None, "seconds": round(stats.seconds, 3),
         "train_seconds_total": round(run.train_seconds, 3), "eval_seconds": round(time.perf_counter() - t_eval, 3),
         "finished_unix_seconds": round(time.time(), 3), "skipped_steps": stats.skipped_steps,
-        "compile_seconds": round(stats.compile_seconds, 3), "train_images": stats.images})
+        "compile_seconds": round(stats.compile_seconds, 3), "train_images": stats.images,
+        "train_size": stats.size})
     if result is not None and not run.quiet:
         print(f"\n{result.line()}\n")
     if result is not None and run.log is not None:
