@@ -12,7 +12,7 @@ input's gradient are listed beside them for scale. The matrix products run in MK
 ``MKL_ENABLE_INSTRUCTIONS=AVX2`` as well.
 
     ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 \\
-        python benchmarks/conv_weight_grad.py --out benchmarks/results/conv_weight_grad_avx2
+        python benchmarks/conv_weight_grad.py --out benchmarks/results/conv_weight_grad_xeon_avx2
 """
 
 from __future__ import annotations
@@ -62,7 +62,8 @@ def weight_grad_by_taps(grad: torch.Tensor, x: torch.Tensor, conv: nn.Conv2d) ->
 
 
 def full_conv_inputs(model: nn.Module, resolution: int, batch: int) -> dict[str, tuple[nn.Conv2d, tuple]]:
-    """Each full (groups 1, kernel > 1) convolution of the network with its input's shape."""
+    """Each full (groups 1, kernel > 1) convolution of the network but the stem's (3 input channels, and
+    frozen under the whitening recipes) with its input's shape."""
     shapes: dict[str, tuple[nn.Conv2d, tuple]] = {}
 
     def record(name: str) -> Callable:

@@ -76,9 +76,10 @@ def test_the_step_benchmarks_run_end_to_end(tmp_path, script, args, parts):
 
 
 @pytest.mark.parametrize("stride, dilation, padding, size", [(1, 2, 2, 8), (1, 2, 2, 5), (2, 1, 1, 16), (2, 1, 1, 15),
-                                                            (1, 3, 3, 4), (2, 2, 0, 9)])
+                                                            (1, 3, 3, 4), (2, 2, 0, 9), (1, 3, 3, 2)])
 def test_the_weight_gradient_by_taps_is_pytorchs(stride, dilation, padding, size):
-    """Each tap's matrix product covers exactly the pixels where its shifted input overlaps the map."""
+    """Each tap's matrix product covers exactly the pixels where its shifted input overlaps the map
+    (none at all for the corner taps of a 2x2 map at dilation 3)."""
     torch.manual_seed(0)
     conv = nn.Conv2d(5, 7, 3, stride, padding, dilation, bias=False)
     x = torch.randn(3, 5, size, size).contiguous(memory_format=torch.channels_last)

@@ -41,4 +41,3 @@ def fastnet(num_classes: int = 10, widths: tuple[int, int, int] = (32, 64, 96), 
         ),
     )
     return Net(features, ClassifierHead(128, num_classes))
-

@@ -481,8 +481,8 @@ def build_network(cfg: TrainConfig, model: nn.Module | None = None) -> tuple[nn.
         try:
             check_output(network, f"--model {source.spec}", cfg.model_kwargs.get("num_classes", 10), size)
         except ModelError as e:
-            raise ModelError(f"{e}; the {cfg.preset} preset trains epochs at {size}x{size} ({option}): "
-                             f"pass --set {option}=0 to train at full size") from None
+            raise ModelError(f"{e}; this run trains epochs at {size}x{size} ({option}): "
+                             f"pass --set {option}=0 to leave that size out") from None
     return network, source
 
 
@@ -821,7 +821,7 @@ def train_one_epoch(run: Run, epoch: int) -> EpochStats:
                 else "no checkpoint was written yet")
         raise TrainingError(f"epoch {epoch + 1}: training loss is {train_loss}; stopped, {good}; "
                             "lower --lr or set a --grad-clip")
-    size = run.train_loader.resolution or run.train_loader.images.shape[-1]
+    size = x.shape[-1] if batches else 0  # what the network saw, after any pipeline's crop or resize
     # every rank takes as many images; counted on the host, so no read from the device
     return EpochStats(train_loss, train_acc, seconds, lr, skipped, compile_seconds, seen * run.env.world_size, size)
 
