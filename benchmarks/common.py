@@ -179,3 +179,18 @@ def training_step(s: SyntheticStep, resolution: int = 32, precision: str = "fp32
         s.optimizer.step()
 
     return step
+
+
+def input_shapes(model: nn.Module, resolution: int, keep: Callable[[nn.Module], bool]) -> dict[nn.Module, torch.Size]:
+    """Each module of ``model`` that ``keep`` picks, with the shape of its input (batch 1) at ``resolution``."""
+    shapes: dict[nn.Module, torch.Size] = {}
+
+    def record(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+        shapes[module] = args[0].shape
+
+    hooks = [m.register_forward_hook(record) for m in model.modules() if keep(m)]
+    with torch.no_grad():
+        model(torch.zeros(1, 3, resolution, resolution).contiguous(memory_format=torch.channels_last))
+    for h in hooks:
+        h.remove()
+    return shapes

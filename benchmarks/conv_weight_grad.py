@@ -30,7 +30,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import kernel_isa, markdown_table, write_results  # noqa: E402
+from common import input_shapes, kernel_isa, markdown_table, write_results  # noqa: E402
 
 from tinycifar.models import create_model  # noqa: E402
 
@@ -61,23 +61,11 @@ def weight_grad_by_taps(grad: torch.Tensor, x: torch.Tensor, conv: nn.Conv2d) ->
     return out.permute(0, 3, 1, 2)
 
 
-def full_conv_inputs(model: nn.Module, resolution: int, batch: int) -> dict[str, tuple[nn.Conv2d, tuple]]:
-    """Each full (groups 1, kernel > 1) convolution of the network but the stem's (3 input channels, and
-    frozen under the whitening recipes) with its input's shape."""
-    shapes: dict[str, tuple[nn.Conv2d, tuple]] = {}
-
-    def record(name: str) -> Callable:
-        def hook(module: nn.Module, inputs: tuple, _) -> None:
-            shapes[name] = (module, tuple(inputs[0].shape))
-        return hook
-
-    hooks = [m.register_forward_hook(record(name)) for name, m in model.named_modules()
-             if isinstance(m, nn.Conv2d) and m.groups == 1 and m.kernel_size[0] > 1 and m.in_channels > 3]
-    with torch.no_grad():
-        model(torch.randn(batch, 3, resolution, resolution).contiguous(memory_format=torch.channels_last))
-    for h in hooks:
-        h.remove()
-    return shapes
+def is_full_conv(module: nn.Module) -> bool:
+    """A full (groups 1, kernel > 1) convolution but the stem's (3 input channels, and frozen under the
+    whitening recipes)."""
+    return (isinstance(module, nn.Conv2d) and module.groups == 1 and module.kernel_size[0] > 1
+            and module.in_channels > 3)
 
 
 def median_ms(fn: Callable[[], object], reps: int) -> float:
@@ -127,13 +115,14 @@ def main() -> None:
     args = ap.parse_args()
     torch.manual_seed(0)
     model = create_model(args.model).to(memory_format=torch.channels_last)
+    names = {module: name for name, module in model.named_modules()}
     rows = []
     for resolution in args.resolutions:
-        for name, (conv, shape) in full_conv_inputs(model, resolution, args.batch_size).items():
-            rows.append({"image": f"{resolution}x{resolution}", "layer": name,
+        for conv, shape in input_shapes(model, resolution, is_full_conv).items():
+            rows.append({"image": f"{resolution}x{resolution}", "layer": names[conv],
                          "conv": f"{conv.in_channels}->{conv.out_channels}, stride {conv.stride[0]}, "
                                  f"dilation {conv.dilation[0]}, input {shape[-1]}x{shape[-1]}",
-                         **measure_conv(conv, shape, args.rounds)})
+                         **measure_conv(conv, (args.batch_size, *shape[1:]), args.rounds)})
     isa = kernel_isa()
     body = [f"fp32, {args.model}, batch {args.batch_size}, channels_last; ATen kernels {isa[0]}, oneDNN ISA "
             f"{isa[1]}; {args.rounds} interleaved rounds, each the median of 5 calls; ratio: taps / PyTorch's "

@@ -27,7 +27,15 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import kernel_isa, markdown_table, recipe_batch_size, synthetic_step, training_step, write_results  # noqa: E402
+from common import (  # noqa: E402
+    input_shapes,
+    kernel_isa,
+    markdown_table,
+    recipe_batch_size,
+    synthetic_step,
+    training_step,
+    write_results,
+)
 
 from tinycifar.models.layers import DilatedDepthwiseConv2d  # noqa: E402
 
@@ -61,21 +69,6 @@ def both_backwards(fn: Callable[[], None], rounds: int, steps: int) -> dict:
     return {"pytorch_ms": round(theirs, 3), "ours_ms": round(ours, 3), "ratio": round(ours / theirs, 3)}
 
 
-def dilated_depthwise_inputs(model: nn.Module, resolution: int) -> dict[DilatedDepthwiseConv2d, torch.Size]:
-    """Each dilated depthwise conv of ``model`` and the shape of its input at ``resolution``."""
-    shapes: dict[DilatedDepthwiseConv2d, torch.Size] = {}
-
-    def record(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
-        shapes[module] = args[0].shape
-
-    hooks = [m.register_forward_hook(record) for m in model.modules() if isinstance(m, DilatedDepthwiseConv2d)]
-    with torch.no_grad():
-        model(torch.zeros(1, 3, resolution, resolution).contiguous(memory_format=torch.channels_last))
-    for h in hooks:
-        h.remove()
-    return shapes
-
-
 def layer_step(conv: nn.Module, shape: torch.Size, batch: int, precision: str) -> Callable[[], None]:
     """Forward and backward of ``conv`` alone on a random batch of its input's shape."""
     x = torch.randn(batch, *shape[1:]).contiguous(memory_format=torch.channels_last).requires_grad_()
@@ -97,7 +90,7 @@ def measure(args) -> list[dict]:
         step = training_step(s, resolution, args.precision)
         rows.append({"part": f"training step, {resolution}x{resolution}",
                      **both_backwards(step, args.rounds, args.steps)})
-        for conv, shape in dilated_depthwise_inputs(s.model, resolution).items():
+        for conv, shape in input_shapes(s.model, resolution, lambda m: isinstance(m, DilatedDepthwiseConv2d)).items():
             part = f"layer: {conv.in_channels} channels, {shape[-1]}x{shape[-1]}, dilation {conv.dilation[0]}"
             rows.append({"part": part, **both_backwards(layer_step(conv, shape, args.batch_size, args.precision),
                                                          args.rounds, 10)})
