@@ -133,17 +133,21 @@ class SyntheticStep:
 
 
 def synthetic_step(preset: str, memory_format: torch.memory_format, batch_size: int | None = None,
-                   keep_freed: bool = True) -> SyntheticStep:
+                   keep_freed: bool = True, precision: str | None = None) -> SyntheticStep:
     """The preset's network (whitened stem, ``memory_format``), optimizer and loss, with one batch of
     synthetic images (the preset's batch size unless given): the step benchmarks time the training step,
-    not the data, so they share this set-up. The initial weights come from torch's global RNG: seed it
-    first to repeat them. ``keep_freed=False`` leaves glibc's malloc as it is (benchmarks/page_faults.py)."""
-    from tinycifar.config import resolve_config
+    not the data, so they share this set-up. With ``precision``, the preset's recipe for it (``fast``'s
+    fp32 table: batch 128, Muon for the filters), as a run in that precision trains. The initial weights
+    come from torch's global RNG: seed it first to repeat them. ``keep_freed=False`` leaves glibc's
+    malloc as it is (benchmarks/page_faults.py)."""
+    from tinycifar.config import apply_precision_recipe, resolve_config
     from tinycifar.data import synthetic_cifar10
     from tinycifar.devices import keep_freed_memory
     from tinycifar.training.train import build_network, build_optimizer, prepare_model
 
     cfg = resolve_config(preset, overrides={"batch_size": batch_size} if batch_size else None)
+    if precision:
+        apply_precision_recipe(cfg, precision)
     if keep_freed:  # as CPU training does (train.tune_backends): freed memory stays for the next step
         keep_freed_memory()
     train, _ = synthetic_cifar10(max(cfg.batch_size, 256) * 4, 10)  # a batch, and the whitening statistics

@@ -1,7 +1,8 @@
 """Where a training step of a preset spends its time, and how close it runs to the CPU's peak.
 
-One step as the preset trains it (its network with the whitening stem, batch, bf16 autocast or
-fp32 with --precision fp32, channels_last or contiguous with --contiguous, its augmentation),
+One step as the preset trains it (its network with the whitening stem, its recipe for the precision:
+bf16 autocast, or fp32 with --precision fp32 and the fp32 table's batch and optimizer; channels_last
+or contiguous with --contiguous, its augmentation),
 profiled with ``torch.profiler`` over a few steps after warm-up.
 Operators are grouped by what they are for: convolutions by kind (full, strided, dilated,
 depthwise, pointwise) and pass (forward, backward), batch norm, activations, optimizer,
@@ -153,7 +154,7 @@ def main() -> None:
     args = ap.parse_args()
 
     memory_format = torch.contiguous_format if args.contiguous else torch.channels_last
-    s = synthetic_step(args.preset, memory_format, args.batch_size)
+    s = synthetic_step(args.preset, memory_format, args.batch_size, precision=args.precision)
     cfg, model = s.cfg, s.model
     device = torch.device("cpu")
 

@@ -52,6 +52,15 @@ def test_the_step_benchmarks_time_the_batch_each_precision_trains_at():
     assert common.recipe_batch_size("fast", "fp32") == fast.by_precision["fp32"]["batch_size"] != fast.batch_size
 
 
+def test_a_step_in_a_precision_is_its_recipes_step():
+    """profile_step.py --precision fp32 profiles what a fp32 run trains: batch 128, Muon for the filters."""
+    fp32 = common.synthetic_step("fast", torch.channels_last, precision="fp32")
+    plain = common.synthetic_step("fast", torch.channels_last)
+    assert (fp32.cfg.batch_size, len(fp32.y), plain.cfg.batch_size) == (128, 128, 256)
+    assert any(g.get("orthogonalize") for g in fp32.optimizer.param_groups)
+    assert not any(g.get("orthogonalize") for g in plain.optimizer.param_groups)
+
+
 @pytest.mark.parametrize("script, args, parts", [
     ("dilated_depthwise.py", ["--resolutions", "20", "--rounds", "1", "--steps", "1"],
      ["training step, 20x20", "layer: 96 channels, 5x5, dilation 3"]),

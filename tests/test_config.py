@@ -87,27 +87,29 @@ def test_the_fast_recipe_chosen_for_each_precision_is_the_documented_one():
     assert bf16 == resolve_config("fast")  # the bf16 recipe is the preset itself, unchanged
     assert bf16.model == fp32.model == "fastnet"
     low_res_epochs = [int(c.low_res_fraction * c.epochs) for c in (bf16, fp32)]
-    assert low_res_epochs == [2, 3] and bf16.epochs == fp32.epochs == 6
+    assert low_res_epochs == [2, 2] and (bf16.epochs, fp32.epochs) == (6, 5)
     sizes = [[train_resolution(c, epoch) or 32 for epoch in range(c.epochs)] for c in (bf16, fp32)]
-    assert sizes == [[20, 20, 32, 32, 32, 32], [20, 20, 20, 32, 32, 32]]
+    assert sizes == [[20, 20, 32, 32, 32, 32], [20, 20, 32, 32, 32]]
     assert (bf16.batch_size, fp32.batch_size) == (256, 128)
     assert (bf16.aug.alternate_flip, fp32.aug.alternate_flip) == (False, True)
     assert (bf16.freeze_stem_after, fp32.freeze_stem_after) == (-1, low_res_epochs[1])  # for the 32x32 epochs
-    assert (bf16.keep_hardest, fp32.keep_hardest) == (1.0, 0.65)
-    # every epoch but the first selects: the second and third 20x20 ones and the three 32x32 ones
-    assert [selects_hardest(fp32, epoch) for epoch in range(fp32.epochs)] == [False] + [True] * 5
+    assert (bf16.keep_hardest, fp32.keep_hardest) == (1.0, 0.55)
+    assert (bf16.muon_lr, fp32.muon_lr) == (0.0, 0.02)  # Muon for the full convolutions' filters in fp32 only
+    # every epoch but the first selects: the second 20x20 one and the three 32x32 ones
+    assert [selects_hardest(fp32, epoch) for epoch in range(fp32.epochs)] == [False] + [True] * 4
     assert not any(selects_hardest(bf16, epoch) for epoch in range(bf16.epochs))
 
 
 def test_what_the_config_file_or_command_line_sets_beats_the_precision_recipe():
     cfg = resolve_config("fast", file_values={"low_res_fraction": 0.34},
                          overrides=parse_assignments(["aug.alternate_flip=false", "epochs=8"]))
-    kept_out = {"batch_size": 128, "lr": 0.22, "freeze_stem_after": 3, "keep_hardest": 0.65, "keep_hardest_epochs": 5}
+    kept_out = {"batch_size": 128, "lr": 0.22, "muon_lr": 0.02, "freeze_stem_after": 2, "keep_hardest": 0.55,
+                "keep_hardest_epochs": 4}
     assert cfg.by_precision == {"fp32": kept_out}  # set: left out
     assert apply_precision_recipe(cfg, "fp32") == kept_out
     assert (cfg.low_res_fraction, cfg.aug.alternate_flip, cfg.epochs, cfg.batch_size) == (0.34, False, 8, 128)
     kept = resolve_config("fast", overrides={"aug": {"translate_pad": 3}})
-    assert apply_precision_recipe(kept, "fp32") == {**kept_out, "low_res_fraction": 0.5,
+    assert apply_precision_recipe(kept, "fp32") == {"epochs": 5, **kept_out, "low_res_fraction": 0.4,
                                                     "aug": {"alternate_flip": True}}
     assert (kept.aug.translate_pad, kept.aug.alternate_flip) == (3, True)
     off = resolve_config("fast", overrides=parse_assignments(["by_precision={}"]))

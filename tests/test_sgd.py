@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from tinycifar.training.sgd import SGD
+from tinycifar.training.sgd import SGD, orthogonalized
 
 
 def groups_of(model: nn.Module) -> list[dict]:
@@ -117,3 +117,42 @@ def test_a_training_run_never_imports_the_compiler():
         done = subprocess.run([sys.executable, "-c", code, out + "/run"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().splitlines()[-1] == "False"
+
+
+@pytest.mark.parametrize("shape", [(64, 32, 3, 3), (128, 96, 1, 1), (96, 96, 3, 3), (10, 128)],
+                         ids=["wide", "tall", "square-ish", "matrix"])
+def test_an_orthogonalized_update_has_singular_values_near_one_and_points_downhill(shape):
+    """Newton-Schulz's quintic lands singular values in about [0.7, 1.2] (x sqrt(rows/cols) when tall)
+    whatever the gradient's scale; it keeps the shape and the direction (a positive inner product)."""
+    g = torch.randn(shape, generator=torch.Generator().manual_seed(0)) * 1e-3
+    g[0] *= 100  # one filter's gradient dominating, as a small batch's can
+    o = orthogonalized(g)
+    assert o.shape == g.shape
+    rows = o.reshape(len(o), -1)
+    scale = max(1.0, rows.size(0) / rows.size(1)) ** 0.5
+    s = torch.linalg.svdvals(rows) / scale
+    assert s.min() > 0.6 and s.max() < 1.25, s
+    assert (o * g).sum() > 0
+
+
+def muon_groups(model: nn.Module) -> list[dict]:
+    """As param_groups makes them with muon_lr: the convolution's filters orthogonalized, the rest SGD's."""
+    conv = model[0].weight
+    return [dict(params=[conv], weight_decay=0.0, lr_scale=0.5, orthogonalize=True),
+            dict(params=[p for p in model.parameters() if p is not conv], weight_decay=5e-4, lr_scale=1.0)]
+
+
+def test_an_orthogonalizing_group_keeps_each_filters_norm_and_resumes_from_its_state_dict():
+    whole, cut = network(), network()
+    conv = whole[0].weight
+    norm, before = conv.norm().item(), conv.detach().clone()
+    run_steps(SGD(muon_groups(whole), lr=0.1, momentum=0.9, nesterov=True), whole, 0, 6)
+    assert conv.norm().item() == pytest.approx(norm, rel=1e-5)
+    assert (conv - before).norm() > 0.05 * norm
+    half = SGD(muon_groups(cut), lr=0.1, momentum=0.9, nesterov=True)
+    run_steps(half, cut, 0, 3)
+    resumed = SGD(muon_groups(cut), lr=0.1, momentum=0.9, nesterov=True)
+    resumed.load_state_dict(half.state_dict())
+    assert resumed.param_groups[0]["orthogonalize"]
+    run_steps(resumed, cut, 3, 6)
+    assert all(torch.equal(p, q) for p, q in zip(cut.parameters(), whole.parameters(), strict=True))

@@ -59,6 +59,7 @@ class TrainConfig:
     momentum: float = 0.9
     nesterov: bool = True
     weight_decay: float = 5e-4
+    muon_lr: float = 0.0  # > 0: full convolutions step by Muon (orthogonalized momentum) at this peak lr
     wd_on_norm_and_bias: bool = False
     norm_bias_lr_scale: float = 1.0  # airbench: batch-norm biases like a higher learning rate
     freeze_norm_scale: bool = False  # keep batch-norm scales at 1 (airbench)
@@ -133,16 +134,17 @@ PRESETS: dict[str, dict[str, Any]] = {
     # flip + translate, an evaluated EMA of the weights; six epochs, one test pass at the end (each
     # per-epoch pass cost 1.7 s) that also scores flip TTA from the same forward passes.
     # bf16 + channels_last. Where the CPU has no fast bf16 (--precision auto resolves to fp32: AVX2-only
-    # CPUs such as AMD Zen 3 and most Intel laptops) a step costs about 3x more. There batch 128's
-    # twice as many steps learn more per epoch, which pays for a third epoch at 20x20 (0.4x a 32x32
-    # one) with airbench's free alternating flips; the stem's batch norm stops training after those
-    # epochs, so that backward never reaches the 32x32 maps (a step 0.90x); every epoch after the
-    # first (two at 20x20, the three at 32x32) trains on the 65% of the images with the highest loss
-    # (keep_hardest), 0.65x its steps; and the peak lr is 0.22 (a square-root scaling gave 0.12:
-    # 0.18 was +0.38 points over 5 seeds, 0.22 pays for the selection of the second epoch and for
-    # 65% instead of 70%; 60% lost 0.22 points more). benchmarks/README.md, "Speed III" to "Speed XII",
-    # has the runs, and the levers that lost the promise or saved nothing (late_freeze_blocks=2: 0.91x
-    # the training, -0.25 points; C1 frozen at 32x32: -0.76; a 24x24 fourth epoch: about -0.7; a 28x28
+    # CPUs such as AMD Zen 3 and most Intel laptops) a step costs about 3x more. There the full
+    # convolutions' filters step by Muon (orthogonalized momentum, muon_lr 0.02; 0.012 and 0.03 were
+    # worse), which learns enough more per step that five epochs do what six did: two at 20x20 (0.4x
+    # a 32x32 one), three at 32x32, batch 128 (twice as many steps learn more per epoch), airbench's
+    # free alternating flips; the stem's batch norm stops training after the 20x20 epochs, so that
+    # backward never reaches the 32x32 maps (a step 0.90x); every epoch after the first trains on
+    # the 55% of the images with the highest loss (keep_hardest), 0.55x its steps (50%: -0.3 points);
+    # the other parameters' peak lr is 0.22. Without Muon six epochs on 65% were needed (Speed XI).
+    # benchmarks/README.md, "Speed III" to "Speed XIII", has the runs, and the levers that lost the
+    # promise or saved nothing (four epochs with Muon: -0.9 points; late_freeze_blocks=2: 0.91x the
+    # training, -0.25 points; C1 frozen at 32x32: -0.76; a 24x24 fourth epoch: about -0.7; a 28x28
     # one, mid_res=28: 0.97x the wall clock, -0.28; fastnet without its 16x16 block, block16=False:
     # -1.2 points in six epochs, and seven took as long as fastnet's six approximating AVX2).
     "fast": dict(
@@ -150,8 +152,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         optimizer="sgd", lr=0.175, nesterov=True, weight_decay=5e-4, schedule="onecycle",
         pct_start=0.25, norm_bias_lr_scale=4.0, label_smoothing=0.1, whiten_stem=True, low_res=20,
         low_res_fraction=0.34, ema_decay=0.99, eval_every=0, tta=True, tta_views="flip",
-        by_precision={"fp32": dict(batch_size=128, lr=0.22, low_res_fraction=0.5, freeze_stem_after=3,
-                                   keep_hardest=0.65, keep_hardest_epochs=5, aug=dict(alternate_flip=True))},
+        by_precision={"fp32": dict(epochs=5, batch_size=128, lr=0.22, muon_lr=0.02, low_res_fraction=0.4,
+                                   freeze_stem_after=2, keep_hardest=0.55, keep_hardest_epochs=4,
+                                   aug=dict(alternate_flip=True))},
     ),
     # Accuracy under 200k parameters in about 67 minutes of 2 CPU threads (issue 17): a
     # ResNet-style network with squeeze-and-excitation in its 8x8 blocks (slimres200k_se) and
@@ -395,6 +398,7 @@ def validate(cfg: TrainConfig) -> None:
         value = getattr(cfg, name)
         need(isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0,
              f"--{name.replace('_', '-')}", "a non-negative number", value)
+    need(cfg.muon_lr >= 0, "muon_lr", "0 (off) or a positive learning rate", cfg.muon_lr)
     need(cfg.lr > 0, "--lr", "a positive number", cfg.lr)
     need(cfg.label_smoothing < 1, "--label-smoothing", "a number in [0, 1)", cfg.label_smoothing)
     need(cfg.ema_decay < 1, "--ema-decay", "a number in [0, 1)", cfg.ema_decay)
@@ -407,6 +411,8 @@ def validate(cfg: TrainConfig) -> None:
     except ModelError as e:
         raise ConfigError(str(e)) from None
     need(cfg.optimizer in ("sgd", "adam", "adamw"), "--optimizer", "sgd, adam or adamw", cfg.optimizer)
+    need(cfg.muon_lr == 0 or cfg.optimizer == "sgd", "muon_lr", f"0 with --optimizer {cfg.optimizer} (Muon's "
+         "filters share the momentum of our SGD)", cfg.muon_lr)
     need(cfg.schedule in ("onecycle", "cosine", "step", "constant"), "--schedule",
          "onecycle, cosine, step or constant", cfg.schedule)
     need(cfg.precision in ("auto", "bf16", "fp16", "fp32"), "--precision", "auto, bf16, fp16 or fp32", cfg.precision)

@@ -298,9 +298,10 @@ def freeze_for_epoch(model: nn.Module, cfg: TrainConfig, epoch: int) -> bool:
 
 def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
     """Weights with decay; norm scales/biases and all biases without (unless asked), at their own lr."""
-    decay, norm_scale, no_decay_bias = [], [], []
+    decay, norm_scale, no_decay_bias, filters = [], [], [], []
     for module in model.modules():
         is_norm = isinstance(module, nn.modules.batchnorm._BatchNorm)
+        is_filter = cfg.muon_lr > 0 and isinstance(module, nn.Conv2d) and module.groups == 1
         for name, p in module.named_parameters(recurse=False):
             if not p.requires_grad:
                 continue
@@ -308,6 +309,8 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
                 no_decay_bias.append(p)
             elif is_norm:
                 norm_scale.append(p)
+            elif is_filter:
+                filters.append(p)
             else:
                 decay.append(p)
     wd_extra = cfg.weight_decay if cfg.wd_on_norm_and_bias else 0.0
@@ -315,6 +318,7 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
         {"params": decay, "weight_decay": cfg.weight_decay, "lr_scale": 1.0},
         {"params": norm_scale, "weight_decay": wd_extra, "lr_scale": 1.0},
         {"params": no_decay_bias, "weight_decay": wd_extra, "lr_scale": cfg.norm_bias_lr_scale},
+        {"params": filters, "weight_decay": 0.0, "lr_scale": cfg.muon_lr / cfg.lr, "orthogonalize": True},
     ]
     return [g for g in groups if g["params"]]
 
