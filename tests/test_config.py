@@ -116,6 +116,18 @@ def test_what_the_config_file_or_command_line_sets_beats_the_precision_recipe():
     assert apply_precision_recipe(off, "fp32") == {} and off.low_res_fraction == 0.34
 
 
+def test_choosing_another_optimizer_drops_the_fp32_recipes_muon():
+    """Muon's filters step inside our SGD: --optimizer adam takes the fp32 table without it, not a refusal;
+    muon_lr set beside it is refused in one line (test_cli.py)."""
+    adam = resolve_config("fast", overrides={"optimizer": "adam"})
+    assert "muon_lr" not in adam.by_precision["fp32"]
+    apply_precision_recipe(adam, "fp32")
+    assert (adam.optimizer, adam.muon_lr, adam.epochs) == ("adam", 0.0, 5)
+    sgd = resolve_config("fast", overrides={"optimizer": "sgd"})
+    apply_precision_recipe(sgd, "fp32")
+    assert sgd.muon_lr == 0.02
+
+
 def test_applying_the_precision_recipe_twice_changes_nothing():
     """A resumed run starts from the config that already holds it."""
     once = resolve_config("fast")

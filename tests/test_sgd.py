@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from tinycifar.training.sgd import SGD, orthogonalized
+from tinycifar.training.sgd import SGD, orthogonalized, step_keeping_norms
 
 
 def groups_of(model: nn.Module) -> list[dict]:
@@ -142,7 +142,7 @@ def muon_groups(model: nn.Module) -> list[dict]:
             dict(params=[p for p in model.parameters() if p is not conv], weight_decay=5e-4, lr_scale=1.0)]
 
 
-def test_an_orthogonalizing_group_keeps_each_filters_norm_and_resumes_from_its_state_dict():
+def test_an_orthogonalizing_group_keeps_each_banks_norm_and_resumes_from_its_state_dict():
     whole, cut = network(), network()
     conv = whole[0].weight
     norm, before = conv.norm().item(), conv.detach().clone()
@@ -153,6 +153,25 @@ def test_an_orthogonalizing_group_keeps_each_filters_norm_and_resumes_from_its_s
     run_steps(half, cut, 0, 3)
     resumed = SGD(muon_groups(cut), lr=0.1, momentum=0.9, nesterov=True)
     resumed.load_state_dict(half.state_dict())
-    assert resumed.param_groups[0]["orthogonalize"]
     run_steps(resumed, cut, 3, 6)
     assert all(torch.equal(p, q) for p, q in zip(cut.parameters(), whole.parameters(), strict=True))
+
+
+def test_a_bank_at_zero_moves_and_a_zero_gradient_moves_nothing():
+    """No 0/0: a zero-initialized bank keeps the norm it steps to; a zero update leaves a bank as it is."""
+    zero, other = torch.zeros(8, 3, 3, 3), torch.randn(8, 3, 3, 3)
+    kept = other.clone()
+    updates = [orthogonalized(torch.randn(8, 3, 3, 3)), orthogonalized(torch.zeros_like(other))]
+    step_keeping_norms([zero, other], updates, lr=0.1)
+    assert torch.isfinite(zero).all() and zero.norm() > 0
+    assert torch.allclose(other, kept)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_orthogonalizing_takes_channels_last_and_bf16_banks(dtype):
+    """The recipe's parameters are channels_last; a bf16 bank is orthogonalized in fp32 and comes back bf16."""
+    g = torch.randn(16, 8, 3, 3).to(dtype=dtype, memory_format=torch.channels_last)
+    o = orthogonalized(g)
+    assert o.dtype == dtype and o.shape == g.shape
+    plain = orthogonalized(g.contiguous().float())
+    assert torch.allclose(o.float(), plain, atol=1e-2 if dtype == torch.bfloat16 else 1e-6)

@@ -30,6 +30,7 @@ from tinycifar.data import augmix as augmix_module
 from tinycifar.data.loader import DeviceLoader
 from tinycifar.evaluate import evaluate
 from tinycifar.models import ClassifierHead, Net, create_model
+from tinycifar.models.layers import SqueezeExcite
 from tinycifar.training import train as train_mod
 from tinycifar.training.sgd import SGD
 from tinycifar.training.train import (
@@ -37,6 +38,7 @@ from tinycifar.training.train import (
     TrainingError,
     build_optimizer,
     lr_factor,
+    normalized_filters,
     param_groups,
     set_lr,
     train,
@@ -372,7 +374,7 @@ def test_era9_decays_only_conv_and_linear_weights():
             assert (id(p) in decayed) == expect, (type(m).__name__, name)
 
 
-def test_muon_takes_the_full_convolutions_filters_and_nothing_else():
+def test_muon_takes_the_filters_that_batch_norm_follows_and_nothing_else():
     """Depthwise filters (9 weights a row), the linear head, norms and biases stay with SGD; the filters'
     group is undecayed (its norms are kept instead) and steps at muon_lr through the schedule."""
     model = create_model("fastnet")
@@ -386,6 +388,20 @@ def test_muon_takes_the_full_convolutions_filters_and_nothing_else():
     set_lr(optimizer, 0.1)
     assert [g["lr"] for g in optimizer.param_groups if g.get("orthogonalize")] == [pytest.approx(0.015)]
     assert not any(g.get("orthogonalize") for g in param_groups(model, TrainConfig(lr=0.2)))
+
+
+def test_muon_leaves_out_filters_whose_scale_matters():
+    """Squeeze-excite's gates and a convolutional head have no batch norm after them: held at a fixed
+    norm they would compute something else, so they step with SGD."""
+    se = create_model("slimres200k_se")
+    full = {m for m in se.modules() if isinstance(m, nn.Conv2d) and m.groups == 1}
+    gates = {c for block in se.modules() if isinstance(block, SqueezeExcite) for c in (block.reduce, block.expand)}
+    assert len(gates) == 4 and normalized_filters(se) == full - gates  # two SE blocks, every other filter
+    conv_head = nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 10, 1),
+                              nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    assert normalized_filters(conv_head) == {conv_head[0]}
+    narrower = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(4))  # not its width: not its norm
+    assert normalized_filters(narrower) == set()
 
 
 # ---------------------------------------------------------------------------- EMA, clipping, NaN

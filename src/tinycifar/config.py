@@ -140,10 +140,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     # a 32x32 one), three at 32x32, batch 128 (twice as many steps learn more per epoch), airbench's
     # free alternating flips; the stem's batch norm stops training after the 20x20 epochs, so that
     # backward never reaches the 32x32 maps (a step 0.90x); every epoch after the first trains on
-    # the 55% of the images with the highest loss (keep_hardest), 0.55x its steps (50%: -0.3 points);
+    # the 55% of the images with the highest loss (keep_hardest), 0.55x its steps (50%: -0.4 points);
     # the other parameters' peak lr is 0.22. Without Muon six epochs on 65% were needed (Speed XI).
     # benchmarks/README.md, "Speed III" to "Speed XIII", has the runs, and the levers that lost the
-    # promise or saved nothing (four epochs with Muon: -0.9 points; late_freeze_blocks=2: 0.91x the
+    # promise or saved nothing (four epochs with Muon: -1.1 points; late_freeze_blocks=2: 0.91x the
     # training, -0.25 points; C1 frozen at 32x32: -0.76; a 24x24 fourth epoch: about -0.7; a 28x28
     # one, mid_res=28: 0.97x the wall clock, -0.28; fastnet without its 16x16 block, block16=False:
     # -1.2 points in six epochs, and seven took as long as fastnet's six approximating AVX2).
@@ -289,6 +289,8 @@ def resolve_config(preset: str, file_values: dict[str, Any] | None = None,
     if overrides:
         cfg = apply_overrides(cfg, overrides, "command line")
     explicit = {**(file_values or {}), **(overrides or {})}
+    if explicit.get("optimizer", "sgd") != "sgd":  # the tables' Muon steps with our SGD: another optimizer drops it
+        explicit.setdefault("muon_lr", 0.0)
     if isinstance(cfg.by_precision, dict):  # validate names a malformed table
         cfg.by_precision = {p: without_keys_of(t, explicit) if isinstance(t, dict) else t
                             for p, t in cfg.by_precision.items()}

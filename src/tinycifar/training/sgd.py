@@ -139,12 +139,13 @@ def orthogonalized(update: torch.Tensor, steps: int = 5) -> torch.Tensor:
 
 
 def step_keeping_norms(params: list[torch.Tensor], updates: list[torch.Tensor], lr: float) -> None:
-    """p -= lr * update, then p back to its norm before the step: a filter followed by batch norm
-    computes the same whatever its scale, so a fixed norm fixes the update's relative size (lr, in
-    place of weight decay's slow equilibrium)."""
+    """p -= lr * update, then each filter bank back to its (Frobenius) norm before the step: batch norm
+    after a filter divides out its scale, so a fixed norm fixes the update's relative size (lr, in place
+    of weight decay's slow equilibrium). A bank at zero (zero-initialized) keeps the norm it steps to."""
     norms = torch._foreach_norm(params)
     torch._foreach_add_(params, updates, alpha=-lr)
-    torch._foreach_mul_(params, torch._foreach_div(norms, torch._foreach_norm(params)))
+    for p, before, after in zip(params, norms, torch._foreach_norm(params), strict=True):
+        p.mul_(torch.where(before > 0, before / after.clamp_min(1e-12), 1.0))
 
 
 def check_arithmetic(group: dict[str, Any]) -> None:

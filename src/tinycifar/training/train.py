@@ -296,12 +296,24 @@ def freeze_for_epoch(model: nn.Module, cfg: TrainConfig, epoch: int) -> bool:
     return changed
 
 
+def normalized_filters(model: nn.Module) -> set[nn.Conv2d]:
+    """Full convolutions (groups 1) that a batch norm of their width directly follows, in the order the
+    modules were registered (ConvBNAct, nn.Sequential(conv, bn, ...)): their scale is lost in the norm,
+    which is what lets Muon hold it fixed. Squeeze-excite gates and convolutional heads are left out."""
+    modules = list(model.modules())
+    return {m for m, after in zip(modules, modules[1:], strict=False)
+            if isinstance(m, nn.Conv2d) and m.groups == 1
+            and isinstance(after, nn.modules.batchnorm._BatchNorm) and after.num_features == m.out_channels}
+
+
 def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
-    """Weights with decay; norm scales/biases and all biases without (unless asked), at their own lr."""
+    """Weights with decay; norm scales/biases and all biases without (unless asked), at their own lr;
+    with muon_lr, the filters that batch norm follows in a group of their own (Muon's)."""
     decay, norm_scale, no_decay_bias, filters = [], [], [], []
+    muon_takes = normalized_filters(model) if cfg.muon_lr > 0 else set()
     for module in model.modules():
         is_norm = isinstance(module, nn.modules.batchnorm._BatchNorm)
-        is_filter = cfg.muon_lr > 0 and isinstance(module, nn.Conv2d) and module.groups == 1
+        is_filter = module in muon_takes
         for name, p in module.named_parameters(recurse=False):
             if not p.requires_grad:
                 continue
