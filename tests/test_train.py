@@ -397,6 +397,8 @@ def test_muon_leaves_out_filters_whose_scale_matters():
     full = {m for m in se.modules() if isinstance(m, nn.Conv2d) and m.groups == 1}
     gates = {c for block in se.modules() if isinstance(block, SqueezeExcite) for c in (block.reduce, block.expand)}
     assert len(gates) == 4 and normalized_filters(se) == full - gates  # two SE blocks, every other filter
+    [muon] = [g for g in param_groups(se, TrainConfig(lr=0.2, muon_lr=0.02)) if g.get("orthogonalize")]
+    assert {id(p) for p in muon["params"]} == {id(m.weight) for m in full - gates}
     conv_head = nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 10, 1),
                               nn.AdaptiveAvgPool2d(1), nn.Flatten())
     assert normalized_filters(conv_head) == {conv_head[0]}

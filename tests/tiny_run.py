@@ -17,7 +17,8 @@ def train_tiny_run(out: Path, **overrides) -> Path:
 
 
 def train_learned_run(out: Path, **overrides) -> Path:
-    """era9 for 3 epochs on 512 synthetic images: 100% on its 128 test images (measured), where
-    ``train_tiny_run``'s is at chance; for tests that need an accuracy to lose (int8's check)."""
-    values = dict(synthetic_size=512, batch_size=32, lr=0.05, aug={"policy": "none"}, epochs=3)
+    """era9 for 3 epochs on 512 synthetic images: 95% on its 128 test images (measured), where
+    ``train_tiny_run``'s is at chance; for tests that need an accuracy to lose (int8's check). Its 34
+    steps need Muon's lr above the fp32 recipe's 0.02, which suits thousands (16% at 0.02)."""
+    values = dict(synthetic_size=512, batch_size=32, lr=0.05, muon_lr=0.1, aug={"policy": "none"}, epochs=3)
     return train_tiny_run(out, **{**values, **overrides})

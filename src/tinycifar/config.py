@@ -59,7 +59,7 @@ class TrainConfig:
     momentum: float = 0.9
     nesterov: bool = True
     weight_decay: float = 5e-4
-    muon_lr: float = 0.0  # > 0: full convolutions step by Muon (orthogonalized momentum) at this peak lr
+    muon_lr: float = 0.0  # > 0: convolutions that batch norm follows step by Muon (orthogonalized) at this peak lr
     wd_on_norm_and_bias: bool = False
     norm_bias_lr_scale: float = 1.0  # airbench: batch-norm biases like a higher learning rate
     freeze_norm_scale: bool = False  # keep batch-norm scales at 1 (airbench)

@@ -297,9 +297,11 @@ def freeze_for_epoch(model: nn.Module, cfg: TrainConfig, epoch: int) -> bool:
 
 
 def normalized_filters(model: nn.Module) -> set[nn.Conv2d]:
-    """Full convolutions (groups 1) that a batch norm of their width directly follows, in the order the
-    modules were registered (ConvBNAct, nn.Sequential(conv, bn, ...)): their scale is lost in the norm,
-    which is what lets Muon hold it fixed. Squeeze-excite gates and convolutional heads are left out."""
+    """Full convolutions (groups 1) registered right before a batch norm of their width, as in ConvBNAct or
+    nn.Sequential(conv, bn, ...): their scale is lost in the norm, which is what lets Muon hold it fixed.
+    Squeeze-excite gates and convolutional heads are left out. Registration order stands in for the
+    forward's: a module that registers conv1, conv2, bn1, bn2 loses Muon for conv1 (SGD, the safe side);
+    one that normalizes a sum, bn(conv(x) + x), should pass --set muon_lr=0."""
     modules = list(model.modules())
     return {m for m, after in zip(modules, modules[1:], strict=False)
             if isinstance(m, nn.Conv2d) and m.groups == 1
