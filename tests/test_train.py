@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 from host_reads import HostReads
+from tiny_run import LEARNED_RUN
 from torch import nn
 
 from tinycifar.checkpoint import load_checkpoint, model_from_checkpoint
@@ -50,16 +51,14 @@ SUMMARY_KEYS = {"best_acc", "final_acc", "final_ece", "epoch_reached_target", "t
 TIMING_KEYS = {"train_seconds", "images_per_second", "seconds_to_target"}
 
 # the same run as command-line options (for the subprocess tests) and as config values
-# (fp32 takes the fast preset's fp32 recipe: Muon for the filters, whose 0.02 suits thousands of steps, not 48)
 CLI_ARGS = ["--model", "era9", "--dataset", "synthetic", "--set", "synthetic_size=512", "--batch-size", "32",
             "--lr", "0.05", "--set", "muon_lr=0.1", "--aug", "none", "--precision", "fp32", "--device", "cpu",
             "--threads", "1", "--quiet"]
-QUICK = dict(model="era9", dataset="synthetic", synthetic_size=512, batch_size=32, lr=0.05, muon_lr=0.1,
-             aug={"policy": "none"}, precision="fp32", device="cpu", threads=1, quiet=True, eval_every=1)
+QUICK = LEARNED_RUN  # tiny_run.py says why its values (Muon's lr among them)
 
 
 def quick_cfg(out: Path, **overrides) -> TrainConfig:
-    return resolve_config("fast", overrides={**QUICK, "epochs": 3, "out": str(out), **overrides})
+    return resolve_config("fast", overrides={**QUICK, "out": str(out), **overrides})
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, str]]:
