@@ -76,14 +76,16 @@ BAD_TRAIN_OPTIONS = {
     "--set without =": (["--set", "lr"], "KEY=VALUE"),
     "--set unknown aug key": (["--set", "aug.sparkle=1"], "sparkle"),
     "--set wrong type": (["--set", "seed=\"x\""], "--seed"),
-    "--set bool as text": (["--set", "nesterov=\"no\""], "--nesterov"),
-    "--set dropout 5": (["--set", "dropout=5"], "--dropout"),
+    "--set bool as text": (["--set", "nesterov=\"no\""], "nesterov: expected true or false"),
+    "--set dropout 5": (["--set", "dropout=5"], "dropout: expected a number in [0, 1)"),
     "--set cutout negative": (["--set", "aug.cutout_size=-3"], "aug.cutout_size"),
     "--set cutout text": (["--set", "aug.cutout_size=\"big\""], "aug.cutout_size"),
     "--set flip probability 2": (["--set", "aug.flip=2"], "aug.flip"),
     "--set aug not a table": (["--set", "aug=3"], "aug"),
     "--set data not a path": (["--set", "data=3"], "--data"),
-    "--set synthetic size 0": (["--set", "synthetic_size=0"], "--synthetic-size"),
+    "--set synthetic size 0": (["--set", "synthetic_size=0"], "synthetic_size: expected a positive integer"),
+    "--set momentum negative": (["--set", "momentum=-0.5"], "momentum: expected a non-negative number"),
+    "--set batch size 0": (["--set", "batch_size=0"], "--batch-size: expected a positive integer"),
     "--set keep_hardest 0": (["--set", "keep_hardest=0"], "keep_hardest: expected a share of the training images"),
     "--set keep_hardest 1.5": (["--set", "keep_hardest=1.5"], "keep_hardest: expected"),
     "--set keep_hardest_epochs 0": (["--set", "keep_hardest_epochs=0"], "keep_hardest_epochs: expected a positive"),
@@ -167,12 +169,29 @@ def test_new_run_into_a_folder_that_holds_a_run(tmp_path, capsys):
     assert (tmp_path / "run" / "last.pt").read_bytes() == b"previous run"
 
 
+def test_errors_name_a_flag_only_where_train_has_one():
+    """config.FLAGGED_KEYS, which errors name as --flags, is the set of train's value flags that set a config
+    key of the same name; any other key is named as --set writes it."""
+    import argparse
+    import dataclasses
+
+    from tinycifar import cli
+    from tinycifar.config import FLAGGED_KEYS, TrainConfig, option_name
+
+    parser = argparse.ArgumentParser()
+    cli._add_train_options(parser)
+    keys = {f.name for f in dataclasses.fields(TrainConfig)}
+    value_flags = {a.dest for a in parser._actions if a.option_strings and a.nargs != 0 and a.dest in keys}
+    assert value_flags == FLAGGED_KEYS
+    assert (option_name("batch_size"), option_name("muon_lr")) == ("--batch-size", "muon_lr")
+
+
 BAD_CONFIG_FILES = {
     "missing.toml": (None, "cannot read"),
     "broken.toml": ("epochs = = 3\n", "not valid TOML"),
     "broken.json": ("{\"epochs\": ", "not valid JSON"),
     "unknown.toml": ("colour = \"blue\"\n", "unknown option 'colour'"),
-    "type.toml": ("momentum = \"high\"\n", "--momentum"),
+    "type.toml": ("momentum = \"high\"\n", "momentum: expected a finite number"),
     "range.json": ("{\"lr\": -0.1}", "--lr"),
     "aug.toml": ("aug = 3\n", "aug"),
     "augkey.toml": ("[aug]\nsparkle = 1\n", "sparkle"),
