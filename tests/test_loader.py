@@ -44,8 +44,8 @@ def test_channel_stats_match_a_direct_computation():
     mean, std = channel_stats(images)
     x = images.double() / 255
     for c in range(3):
-        assert mean[c] == pytest.approx(x[:, c].mean().item(), abs=1e-6)
-        assert std[c] == pytest.approx(x[:, c].std().item(), abs=1e-6)
+        assert mean[c] == pytest.approx(x[:, c].mean().item(), rel=1e-12)
+        assert std[c] == pytest.approx(x[:, c].std().item(), rel=1e-12)
 
 
 @pytest.mark.parametrize("aug", [None, AugmentConfig(policy="none")])

@@ -21,9 +21,20 @@ from .mixing import mix_batch
 
 
 def channel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std of uint8 images, on the 0..1 scale."""
-    x = images.float().div_(255)
-    return x.mean((0, 2, 3)).tolist(), x.std((0, 2, 3)).tolist()
+    """Per-channel mean and std (unbiased, as ``Tensor.std``) of uint8 images, on the 0..1 scale.
+
+    From each channel's histogram of its 256 values, in float64: exact, where summing a float32 copy of
+    CIFAR-10's 150 million values was off in the sixth digit, and 0.2 s of a 2-core CPU's start-up
+    instead of 0.8 s."""
+    values = torch.arange(256, dtype=torch.float64)
+    means, stds = [], []
+    for channel in images.unbind(1):
+        counts = torch.bincount(channel.flatten(), minlength=256).double()
+        mean = (counts * values).sum() / counts.sum()
+        variance = (counts * (values - mean) ** 2).sum() / (counts.sum() - 1)
+        means.append(mean.item() / 255)
+        stds.append(variance.sqrt().item() / 255)
+    return means, stds
 
 
 def epoch_generator(seed: int, epoch: int, device: torch.device, stream: int = 0) -> torch.Generator:

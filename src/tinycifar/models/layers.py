@@ -192,20 +192,25 @@ def patch_covariance(images: torch.Tensor, k: int, device: torch.device,
                      max_patches: int = WHITENING_PATCHES_PER_CHUNK) -> torch.Tensor:
     """Covariance of the images' k x k patches, summed over chunks of at most ``max_patches`` patches.
 
-    Two passes (the mean, then the centred products) give the same matrix as centring all patches
-    at once, up to float rounding, while only one chunk's patches exist at a time; ``images`` may stay
-    on the CPU, each chunk goes to ``device``.
+    One pass: each chunk adds its patches' sum and Gram matrix (in float32, accumulated in float64),
+    and the covariance is Gram / n - mean mean^T, which equals centring all patches at once up
+    to float rounding (the images are normalized, so the mean is small beside the spread). Only one
+    chunk's patches exist at a time; ``images`` may stay on the CPU, each chunk goes to ``device``. A
+    pass that centred each chunk on the mean from a first pass built every patch row twice: 0.97 s of
+    a 2-core CPU's start-up for 5000 images.
     """
     per_image = (images.shape[2] - k + 1) * (images.shape[3] - k + 1)
     step = max(1, max_patches // per_image)
-    chunks = [images[i : i + step] for i in range(0, len(images), step)]
-    total = sum(len(c) for c in chunks) * per_image
-    mean = sum(patch_rows(c.to(device), k).sum(0) for c in chunks) / total
-    cov = torch.zeros(len(mean), len(mean), device=device)
-    for c in chunks:
-        centred = patch_rows(c.to(device), k) - mean
-        cov += centred.T @ centred
-    return cov / total
+    width = images.shape[1] * k * k
+    total = torch.zeros(width, dtype=torch.float64, device=device)
+    gram = torch.zeros(width, width, dtype=torch.float64, device=device)
+    for i in range(0, len(images), step):
+        rows = patch_rows(images[i : i + step].to(device), k)
+        total += rows.sum(0).double()  # a float64 sum of the rows took three times as long
+        gram += (rows.T @ rows).double()
+    count = len(images) * per_image
+    mean = total / count
+    return (gram / count - torch.outer(mean, mean)).float()
 
 
 @torch.no_grad()
