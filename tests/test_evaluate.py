@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from tinycifar.data import synthetic_cifar10
 from tinycifar.data.loader import DeviceLoader, channel_stats
@@ -17,6 +18,18 @@ from tinycifar.evaluate import (
     tta_views,
 )
 from tinycifar.models import create_model
+
+
+class OperatorNames(TorchDispatchMode):
+    """The names of the ATen operators that run inside it."""
+
+    def __init__(self):
+        super().__init__()
+        self.names: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(func.__name__)
+        return func(*args, **(kwargs or {}))
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +49,29 @@ def test_views_give_the_tta_and_the_plain_result_at_once(setting, tta):
     assert torch.equal(plain.confusion, alone.confusion)
     assert with_tta.correct == evaluate(model, loader, "fp32", tta=tta).correct
     assert with_tta.total == plain.total == 120
+
+
+def test_evaluation_scores_the_folded_network_as_the_model_and_leaves_the_model_as_it_was(setting):
+    """evaluate_views runs a copy with its batch norms folded: the logits of the model itself, up to
+    float rounding, and the model keeps its mode, its statistics and its norms."""
+    _, loader = setting
+    torch.manual_seed(1)
+    model = create_model("fastnet")
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.3, 0.3)
+            m.running_var.uniform_(0.5, 2.0)
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with OperatorNames() as ops:
+        result = evaluate(model, loader, "fp32")
+    assert ops.names and not any("batch_norm" in name for name in ops.names)  # folded: no norm runs
+    assert model.training and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    with torch.no_grad():
+        logits = torch.cat([model.eval()(x) for x, _ in loader])
+    labels = torch.cat([y for _, y in loader])
+    assert result.loss == pytest.approx(torch.nn.functional.cross_entropy(logits, labels).item(), rel=1e-5)
+    assert abs(result.correct - int((logits.argmax(1) == labels).sum())) <= 1  # a tie may round either way
 
 
 def test_test_passes_take_cache_sized_batches_on_a_cpu_and_large_ones_on_a_gpu():

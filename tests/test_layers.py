@@ -1,5 +1,6 @@
 """The whitening stem: its patch covariance is summed in bounded chunks and equals the all-at-once one.
-The dilated depthwise convolution: our backward gives PyTorch's gradients, and only training takes it."""
+The dilated depthwise convolution: our backward gives PyTorch's gradients, and only training takes it.
+Folding batch norms for inference keeps the function and leaves the model alone."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from tinycifar.models.layers import (
     DepthwiseSeparable,
     DilatedDepthwiseConv2d,
     _DilatedDepthwiseConv,
+    fold_batch_norms,
     init_whitening,
     patch_covariance,
     patch_rows,
@@ -146,3 +148,61 @@ def test_conv_bn_act_picks_it_for_dilated_depthwise_convs_only():
         assert type(plain[0]) is nn.Conv2d  # full, undilated or strided: PyTorch's backward
     conv = ConvBNAct(8, 8, 3, dilation=2, groups=8)[0]
     assert list(conv.state_dict()) == ["weight"] and conv.padding == (2, 2)  # checkpoints load as before
+
+
+def with_trained_norms(model: nn.Module) -> nn.Module:
+    """``model`` with batch norms whose statistics and affine parameters are not the identity's."""
+    gen = torch.Generator().manual_seed(3)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            for t, low, high in ((m.running_mean, -0.5, 0.5), (m.running_var, 0.5, 2.0), (m.weight, 0.5, 1.5),
+                                 (m.bias, -0.2, 0.2)):
+                t.data.copy_(torch.rand(t.shape, generator=gen) * (high - low) + low)
+    return model
+
+
+def test_folding_keeps_fastnet_s_function_and_leaves_no_norm_nor_changes_the_model():
+    from tinycifar.models import create_model
+
+    model = with_trained_norms(create_model("fastnet")).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    folded = fold_batch_norms(model)
+    assert model.training  # its mode too
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model.eval()(x)
+    assert torch.allclose(folded(x), expected, atol=1e-5)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules()) and not folded.training
+    assert len(norms) == 8 and norms == [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+class ScaledConv(nn.Conv2d):
+    """A convolution with a forward of its own: folding a norm into its weights would change its function."""
+
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+def test_folding_takes_only_a_plain_convolution_right_before_its_norm_in_a_sequential():
+    class Attributes(nn.Module):  # conv and norm as attributes: their order in the forward is unknown
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            return self.conv(self.bn(x))
+
+    net = with_trained_norms(nn.Sequential(
+        nn.Sequential(ScaledConv(3, 4, 3, padding=1), nn.BatchNorm2d(4)),  # its own forward: kept
+        nn.Sequential(nn.Conv2d(4, 4, 1), nn.ReLU(), nn.BatchNorm2d(4)),  # not directly after: kept
+        Attributes(),  # kept
+        nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)),  # folded
+    ))
+    folded = fold_batch_norms(net)
+    assert [type(m).__name__ for m in folded.modules() if isinstance(m, (nn.BatchNorm2d, nn.Identity))] == \
+        ["BatchNorm2d", "BatchNorm2d", "BatchNorm2d", "Identity"]
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.allclose(folded(x), net.eval()(x), atol=1e-5)

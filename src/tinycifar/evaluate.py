@@ -14,6 +14,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from .models.layers import fold_batch_norms
+
 TTA_MODES = ("none", "flip", "flip+translate")
 CALIBRATION_BINS = 15  # equal-width confidence bins, the usual choice for ECE (Guo et al., 2017)
 
@@ -122,15 +124,14 @@ def evaluate_views(model: nn.Module, loader, precision: str = "fp32", tta: str =
                    num_classes: int | None = None) -> tuple[EvalResult, EvalResult]:
     """The result with ``tta`` and the plain one (the identity view alone) from the same forward
     passes, so a run that reports both pays for the views once."""
-    was_training = model.training
-    model.eval()
+    net = fold_batch_norms(model)  # in eval mode; ``model`` keeps its mode
     device = loader.device
     loss_sums = torch.zeros(2, device=device, dtype=torch.float64)
     calibration = torch.zeros(2, 3, CALIBRATION_BINS, device=device, dtype=torch.float64)
     confusion = None
     for x, y in loader:
         with autocast_context(x.device, precision):
-            views = [model(v).float() for v in tta_views(x, tta)]
+            views = [net(v).float() for v in tta_views(x, tta)]
         scored = [views[0]] if len(views) == 1 else [torch.stack(views).mean(0), views[0]]  # no TTA: one tally
         for i, logits in enumerate(scored):
             if confusion is None:
@@ -146,7 +147,6 @@ def evaluate_views(model: nn.Module, loader, precision: str = "fp32", tta: str =
         dist.all_reduce(loss_sums)
         dist.all_reduce(confusion)
         dist.all_reduce(calibration)
-    model.train(was_training)
     results = []
     for loss_sum, matrix, bins in zip(loss_sums.tolist(), confusion.cpu(), calibration.cpu(), strict=True):
         matrix = matrix.view(num_classes, num_classes)
