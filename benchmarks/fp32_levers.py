@@ -1,15 +1,15 @@
 """Which levers make a `fast` training step quicker in fp32, measured as ratios inside one process.
 
-Variants of one 32x32 (or --resolution) training step of the preset's network at its batch, fp32 (no
-autocast): channels_last against contiguous, 1 thread against all, eager against ``torch.compile``
-(Inductor's C++ code, through ``CompiledOnce`` as ``--compile`` runs it), and other batch sizes
-(``--batch-sizes``, compared per image: smaller batches keep the activations in the caches), and with
-``--frozen-stem`` the whitening stem's batch norm frozen too at each batch size (the fp32 recipe's
-32x32 epochs: backward stops before the 32x32 maps), and with ``--late-freeze N`` the first N blocks of
-the network frozen as well (what the opt-in ``late_freeze_blocks`` does in a run's last epochs). The
-variants take turns, ``--rounds`` times ``--steps`` steps each, and the report gives each one's
-median step: interleaving keeps the ratios honest on a machine other jobs share, where
-whole-process timings are not.
+Variants of one 32x32 (or --resolution) training step of the preset's network as its fp32 recipe
+trains it (its batch, Muon for the filters; no autocast): channels_last against contiguous, 1 thread
+against all, eager against ``torch.compile`` (Inductor's C++ code, through ``CompiledOnce`` as
+``--compile`` runs it), and other batch sizes (``--batch-sizes``, compared per image: smaller batches
+keep the activations in the caches), and with ``--frozen-stem`` the whitening stem's batch norm frozen
+too at each batch size (the fp32 recipe's 32x32 epochs: backward stops before the 32x32 maps), and
+with ``--late-freeze N`` the first N blocks of the network frozen as well
+(what the opt-in ``late_freeze_blocks`` does in a run's last epochs). The variants take turns,
+``--rounds`` times ``--steps`` steps each, and the report gives each one's median step: interleaving
+keeps the ratios honest on a machine other jobs share, where whole-process timings are not.
 The compiled variant's first step (compilation) is reported apart; run the script twice with the same
 ``TORCHINDUCTOR_CACHE_DIR`` to see a cold and a warm FX graph cache.
 
@@ -33,9 +33,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import kernel_isa, markdown_table, synthetic_step, training_step, write_results  # noqa: E402
+from common import (  # noqa: E402
+    kernel_isa,
+    markdown_table,
+    recipe_batch_size,
+    synthetic_step,
+    training_step,
+    write_results,
+)
 
-from tinycifar.config import resolve_config  # noqa: E402
 from tinycifar.training.train import CompiledOnce, freeze_leading_blocks, freeze_stem_norm  # noqa: E402
 
 
@@ -43,7 +49,8 @@ def make_step(preset: str, resolution: int, channels_last: bool, compiled: bool,
               batch_size: int | None = None, frozen_stem: bool = False, frozen_blocks: int = 0) -> Callable[[], None]:
     """One fp32 training step of the preset's network on fixed synthetic images, with its augmentation."""
     torch.manual_seed(0)  # the same initial weights in every variant
-    s = synthetic_step(preset, torch.channels_last if channels_last else torch.contiguous_format, batch_size)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    s = synthetic_step(preset, memory_format, batch_size, precision="fp32")
     if frozen_stem:
         freeze_stem_norm(s.model)
     if frozen_blocks:
@@ -73,15 +80,15 @@ def main() -> None:
                     help="with --frozen-stem, also with the network's first N blocks frozen (late_freeze_blocks)")
     ap.add_argument("--out", default="benchmarks/results/fp32_levers")
     args = ap.parse_args()
-    threads, batch = torch.get_num_threads(), resolve_config(args.preset).batch_size
+    threads, batch = torch.get_num_threads(), recipe_batch_size(args.preset, "fp32")
     variants = {("channels_last", "eager", threads, batch): make_step(args.preset, args.resolution, True, False),
                 ("contiguous", "eager", threads, batch): make_step(args.preset, args.resolution, False, False),
                 ("channels_last", "eager", 1, batch): make_step(args.preset, args.resolution, True, False)}
     for b in args.batch_sizes:
         variants[("channels_last", "eager", threads, b)] = make_step(args.preset, args.resolution, True, False, b)
     for b in [batch, *args.batch_sizes] if args.frozen_stem else []:
-        variants[("channels_last", "eager, stem frozen", threads, b)] = make_step(args.preset, args.resolution, True,
-                                                                                  False, b, frozen_stem=True)
+        variants[("channels_last", "eager, stem frozen", threads, b)] = make_step(
+            args.preset, args.resolution, True, False, b, frozen_stem=True)
         if args.late_freeze:
             variants[("channels_last", f"eager, first {args.late_freeze} blocks frozen", threads, b)] = make_step(
                 args.preset, args.resolution, True, False, b, frozen_stem=True, frozen_blocks=args.late_freeze)

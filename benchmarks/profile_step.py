@@ -42,7 +42,7 @@ from common import command_line, kernel_isa, machine_info, markdown_table, synth
 from tinycifar.data.augment import augment  # noqa: E402
 from tinycifar.evaluate import autocast_context  # noqa: E402
 from tinycifar.models.summary import model_summary  # noqa: E402
-from tinycifar.training.train import onednn_max_isa  # noqa: E402
+from tinycifar.training.train import freeze_stem_norm, onednn_max_isa  # noqa: E402
 
 
 def conv_kind(module: nn.Conv2d) -> str:
@@ -140,6 +140,13 @@ def operator_rows(prof: torch.profiler.profile, steps: int, top: int) -> list[di
             for e in events[:top]]
 
 
+def resized(x: torch.Tensor, resolution: int) -> torch.Tensor:
+    """The batch at the epoch's resolution, as the loader resizes it (progressive resizing)."""
+    if resolution == x.shape[-1]:
+        return x
+    return nn.functional.interpolate(x, size=(resolution,) * 2, mode="bilinear", antialias=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="fast")
@@ -147,6 +154,8 @@ def main() -> None:
     ap.add_argument("--resolution", type=int, default=32)
     ap.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
     ap.add_argument("--contiguous", action="store_true", help="NCHW tensors instead of channels_last")
+    ap.add_argument("--frozen-stem", action="store_true",
+                    help="the whitening stem's norm frozen, as the fp32 recipe's 32x32 epochs train")
     ap.add_argument("--batch-size", type=int, default=None, help="default: the preset's")
     ap.add_argument("--clock-ghz", type=float, default=None, help="default: /proc/cpuinfo's cpu MHz")
     ap.add_argument("--ops", type=int, default=15, help="the operators with the most self time to list")
@@ -157,13 +166,12 @@ def main() -> None:
     s = synthetic_step(args.preset, memory_format, args.batch_size, precision=args.precision)
     cfg, model = s.cfg, s.model
     device = torch.device("cpu")
+    if args.frozen_stem:  # backward stops at the second convolution's weights
+        freeze_stem_norm(model)
 
     def step() -> None:
         with torch.autograd.profiler.record_function("## augmentation | -"):
-            x = augment(s.x_raw, cfg.aug, s.generator)
-            if args.resolution != 32:
-                x = nn.functional.interpolate(x, size=(args.resolution,) * 2, mode="bilinear", antialias=True)
-            x = x.contiguous(memory_format=memory_format)
+            x = resized(augment(s.x_raw, cfg.aug, s.generator), args.resolution).contiguous(memory_format=memory_format)
         with autocast_context(device, args.precision):
             loss = s.criterion(model(x).float(), s.y)
         s.optimizer.zero_grad(set_to_none=True)

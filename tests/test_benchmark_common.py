@@ -158,3 +158,17 @@ def test_the_profile_lists_operators_by_their_own_time(tmp_path):
                for op in operators)
     assert all(0 < op["self_ms_per_step"] <= 1000 * report["step_seconds"] * 1.5 for op in operators)
     assert "operators with the most self time" in out.with_suffix(".md").read_text()
+
+
+def test_a_profile_with_the_stem_frozen_has_no_backward_through_the_32x32_maps(tmp_path):
+    """--frozen-stem profiles the fp32 recipe's 32x32 step: backward stops at the second convolution."""
+    shapes = {}
+    for flag in ([], ["--frozen-stem"]):
+        out = tmp_path / f"profile{len(flag)}"
+        subprocess.run([sys.executable, str(BENCHMARKS / "profile_step.py"), "--precision", "fp32", "--batch-size",
+                        "8", "--steps", "1", "--ops", "60", *flag, "--out", str(out)], check=True,
+                       capture_output=True, text=True, timeout=300)
+        shapes[bool(flag)] = [op["input_shapes"] for op in json.loads(out.with_suffix(".json").read_text())["operators"]
+                              if op["operator"] == "aten::native_batch_norm_backward"]
+    assert any(s.startswith("[8, 32, 32, 32]") for s in shapes[False])
+    assert shapes[True] and not any(s.startswith("[8, 32, 32, 32]") for s in shapes[True])
