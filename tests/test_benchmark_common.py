@@ -127,6 +127,26 @@ def test_airbench_without_a_target_and_its_tta_pass_never_stop(tmp_path):
     assert utils.evaluate(None, None, tta_level=2) == 0.95  # only per-epoch (level 0) evaluations count
 
 
+def test_the_achieved_rate_counts_only_the_gradients_a_step_runs():
+    """The whitening stem's filters never get a gradient and images need none, so its backward never runs;
+    with its norm frozen, neither does the second convolution's input gradient."""
+    import profile_step
+
+    from tinycifar.models import create_model
+    from tinycifar.models.summary import model_summary
+
+    model = create_model("fastnet")
+    summary = model_summary(model)
+    stem, second = model.features[0][0][0], model.features[0][1][0]
+    layer_macs = {row["name"]: row["macs"] for row in summary["layers"]}
+    m_stem, m_second = layer_macs["features.0.0.0"], layer_macs["features.0.1.0"]
+    assert profile_step.macs_run_per_image(model, summary, False) == 3 * summary["macs"] - m_stem  # trains its filters
+    stem.weight.requires_grad_(False)
+    assert profile_step.macs_run_per_image(model, summary, False) == 3 * summary["macs"] - 2 * m_stem
+    assert profile_step.macs_run_per_image(model, summary, True) == 3 * summary["macs"] - 2 * m_stem - m_second
+    assert second.weight.requires_grad
+
+
 @pytest.mark.parametrize("amx, max_isa, expected", [
     (False, "", 128), (True, "", 1024), (True, "AVX512_CORE_AMX", 1024), (True, "AVX512_CORE_BF16", 128),
 ])

@@ -43,8 +43,11 @@ class LargestAllocation(TorchDispatchMode):
         return out
 
 
-def test_chunked_covariance_equals_the_all_at_once_one():
-    images = torch.randn(10, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+@pytest.mark.parametrize("offset", [0.0, 3.0])
+def test_chunked_covariance_equals_the_all_at_once_one(offset):
+    """One pass (Gram / n - mean mean^T) holds where the mean is far from zero too (offset: 3 standard
+    deviations), where centring first would matter most."""
+    images = torch.randn(10, 3, 16, 16, generator=torch.Generator().manual_seed(0)) + offset
     chunked = patch_covariance(images, 3, torch.device("cpu"), max_patches=200)  # 196 per image: 10 chunks
     assert torch.allclose(chunked, all_at_once_covariance(images), atol=1e-5)
 
@@ -206,3 +209,35 @@ def test_folding_takes_only_a_plain_convolution_right_before_its_norm_in_a_seque
     x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert torch.allclose(folded(x), net.eval()(x), atol=1e-5)
+
+
+def test_folding_leaves_a_pair_with_hooks_and_a_sequential_with_its_own_forward():
+    """A hook on the convolution would see the norm's output, one on the norm would be lost; a Sequential
+    subclass may run its modules in another order: each keeps its norm."""
+    class Reordered(nn.Sequential):
+        def forward(self, x):
+            return self[0](self[1](x))
+
+    hooked = nn.Sequential(nn.Conv2d(3, 3, 3, padding=1), nn.BatchNorm2d(3))
+    hooked[0].register_forward_hook(lambda m, i, o: None)
+    pre_hooked = nn.Sequential(nn.Conv2d(3, 3, 3, padding=1), nn.BatchNorm2d(3))
+    pre_hooked[1].register_forward_pre_hook(lambda m, i: None)
+    net = with_trained_norms(nn.Sequential(hooked, pre_hooked, Reordered(nn.Conv2d(3, 3, 3, padding=1),
+                                                                         nn.BatchNorm2d(3))))
+    folded = fold_batch_norms(net)
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in folded.modules()) == 3
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.allclose(folded(x), net.eval()(x), atol=1e-5)
+
+
+def test_folding_in_bf16_autocast_stays_within_bf16_rounding():
+    """Under autocast the folded weights are rounded to bf16 once, the unfolded ones and the norm apart:
+    the logits agree to bf16's precision, not bit for bit."""
+    from tinycifar.models import create_model
+
+    model = with_trained_norms(create_model("fastnet")).eval()
+    x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        plain, folded = model(x).float(), fold_batch_norms(model)(x).float()
+    assert (folded - plain).abs().max() <= 0.05 * plain.abs().max()

@@ -48,6 +48,11 @@ def test_channel_stats_match_a_direct_computation():
         assert std[c] == pytest.approx(x[:, c].std().item(), rel=1e-12)
 
 
+def test_channel_stats_refuse_images_that_are_not_uint8():
+    with pytest.raises(TypeError, match="expected uint8 images, got torch.float32"):
+        channel_stats(id_split(4).images.float())
+
+
 @pytest.mark.parametrize("aug", [None, AugmentConfig(policy="none")])
 def test_epoch_is_normalized(aug):
     split, _ = synthetic_cifar10(n_train=600, n_test=10, seed=2)
