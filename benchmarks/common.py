@@ -168,13 +168,12 @@ def training_step(s: SyntheticStep, resolution: int = 32, precision: str = "fp32
     resizing), forward under bf16 autocast or not, backward, optimizer. ``net`` stands in for
     ``s.model`` in the forward (a compiled wrapper of it)."""
     from tinycifar.data.augment import augment
+    from tinycifar.data.loader import resized
 
     net = net or s.model
 
     def step() -> None:
-        x = augment(s.x_raw, s.cfg.aug, s.generator)
-        if resolution != x.shape[-1]:
-            x = nn.functional.interpolate(x, size=(resolution,) * 2, mode="bilinear", antialias=True)
+        x = resized(augment(s.x_raw, s.cfg.aug, s.generator), resolution)
         with torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16"):
             logits = net(x.contiguous(memory_format=s.memory_format))
         loss = s.criterion(logits.float(), s.y)

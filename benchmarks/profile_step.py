@@ -42,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import command_line, kernel_isa, machine_info, markdown_table, synthetic_step  # noqa: E402
 
 from tinycifar.data.augment import augment  # noqa: E402
+from tinycifar.data.loader import resized  # noqa: E402
 from tinycifar.evaluate import autocast_context  # noqa: E402
 from tinycifar.models.summary import model_summary  # noqa: E402
 from tinycifar.training.train import freeze_stem_norm, onednn_max_isa  # noqa: E402
@@ -155,13 +156,6 @@ def macs_run_per_image(model: nn.Module, summary: dict, frozen_stem: bool) -> fl
     if frozen_stem and len(convs) > 1:
         skipped += macs_of.get(name_of[convs[1]], 0)
     return 3 * summary["macs"] - skipped
-
-
-def resized(x: torch.Tensor, resolution: int) -> torch.Tensor:
-    """The batch at the epoch's resolution, as the loader resizes it (progressive resizing)."""
-    if resolution == x.shape[-1]:
-        return x
-    return nn.functional.interpolate(x, size=(resolution,) * 2, mode="bilinear", antialias=True)
 
 
 def main() -> None:

@@ -39,6 +39,14 @@ def channel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:
     return means, stds
 
 
+def resized(images: torch.Tensor, size: int) -> torch.Tensor:
+    """The batch at ``size`` x ``size`` (progressive resizing's lower resolutions): bilinear with
+    antialiasing, so a downscaled image averages its pixels instead of skipping some."""
+    if size == images.shape[-1]:
+        return images
+    return F.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+
+
 def epoch_generator(seed: int, epoch: int, device: torch.device, stream: int = 0) -> torch.Generator:
     """Independent, reproducible random stream for one epoch (and one purpose)."""
     return torch.Generator(device=device).manual_seed(seed * 1_000_003 + epoch * 101 + stream)
@@ -149,9 +157,8 @@ class DeviceLoader:
 
     def finish(self, x: torch.Tensor) -> torch.Tensor:
         """The steps after augmentation: the epoch's resolution and the memory format."""
-        if self.resolution and self.resolution != x.shape[-1]:
-            x = F.interpolate(x, size=(self.resolution, self.resolution), mode="bilinear",
-                              antialias=True, align_corners=False)
+        if self.resolution:
+            x = resized(x, self.resolution)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return x
