@@ -32,8 +32,9 @@ def channel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:
     means, stds = [], []
     for channel in images.unbind(1):
         counts = torch.bincount(channel.flatten(), minlength=256).double()
-        mean = (counts * values).sum() / counts.sum()
-        variance = (counts * (values - mean) ** 2).sum() / (counts.sum() - 1)
+        n = counts.sum()
+        mean = (counts * values).sum() / n
+        variance = (counts * (values - mean) ** 2).sum() / (n - 1)
         means.append(mean.item() / 255)
         stds.append(variance.sqrt().item() / 255)
     return means, stds
