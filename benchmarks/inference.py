@@ -1,8 +1,9 @@
 """Inference speed on the CPU, and what int8 quantization costs in accuracy.
 
 Images per second at each batch size for four engines running the same checkpoint:
-PyTorch eager fp32, PyTorch eager under bf16 autocast, ONNX Runtime fp32 and ONNX Runtime
-int8 (static QDQ, per-channel 7-bit weights; see tinycifar.serving.export). bf16 is skipped
+PyTorch eager fp32, PyTorch eager under bf16 autocast (both with the batch norms folded, as
+``predict`` and ``serve`` run them), ONNX Runtime fp32 and ONNX Runtime int8 (static QDQ,
+per-channel 7-bit weights; see tinycifar.serving.export). bf16 is skipped
 on a CPU without AVX512-BF16 or AMX, where autocast only emulates it (82 images/s on a Zen 3
 against 2,175 in fp32): a figure about the emulation, not the network. Inputs are float RGB 0..1 with the
 normalization inside every model, as ``tinycifar predict`` and the exported files use them.
@@ -39,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import command_line, machine_info, markdown_table  # noqa: E402
 
 from tinycifar.models import MODEL_REGISTRY, create_model  # noqa: E402
+from tinycifar.models.layers import fold_batch_norms  # noqa: E402
 from tinycifar.serving.export import activation_type, calibration_images, export_onnx, quantize_int8  # noqa: E402
 from tinycifar.serving.inference import (  # noqa: E402
     NormalizedNet,
@@ -91,7 +93,9 @@ def predictions(run: Runner, images: torch.Tensor, batch: int = 500) -> np.ndarr
 
 
 def pytorch_runners(model: torch.nn.Module) -> dict[str, Runner]:
-    """PyTorch fp32, and bf16 autocast only where the CPU computes bf16 natively (see the docstring)."""
+    """PyTorch fp32, and bf16 autocast only where the CPU computes bf16 natively (see the docstring),
+    each batch norm folded into its convolution as ``predict`` and ``serve`` run the network."""
+    model = fold_batch_norms(model)
     runners = {"pytorch-fp32": torch_runner(model, bf16=False)}
     if cpu_supports_bf16():
         runners["pytorch-bf16"] = torch_runner(model, bf16=True)

@@ -147,6 +147,16 @@ def test_the_achieved_rate_counts_only_the_gradients_a_step_runs():
     assert second.weight.requires_grad
 
 
+def test_the_profiles_parts_and_other_add_up_to_the_profiled_step():
+    import profile_step
+
+    ranges = {("convolution", "backward"): 0.060, ("batch norm", "forward"): 0.025}
+    rows = profile_step.part_rows(ranges, profiled_seconds=0.100)
+    assert [r["part"] for r in rows][:2] == ["convolution", "batch norm"]  # largest first
+    assert rows[-1]["part"].startswith("other") and rows[-1]["ms_per_step"] == pytest.approx(15.0)
+    assert sum(r["share_%"] for r in rows) == pytest.approx(100.0)
+
+
 @pytest.mark.parametrize("amx, max_isa, expected", [
     (False, "", 128), (True, "", 1024), (True, "AVX512_CORE_AMX", 1024), (True, "AVX512_CORE_BF16", 128),
 ])

@@ -15,12 +15,15 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_evaluate import OperatorNames
 from tiny_run import train_tiny_run
 
 from tinycifar.cli import main
 from tinycifar.data import CLASSES
 from tinycifar.data.images import MAX_PIXELS, ImageLoadError, load_image
-from tinycifar.serving.predict import expand_inputs
+from tinycifar.serving.inference import load_inference_model
+from tinycifar.serving import predict
+from tinycifar.serving.predict import classify, expand_inputs, predict_files
 
 
 @pytest.fixture(scope="module")
@@ -209,6 +212,26 @@ def test_cli_predicts_good_files_and_names_bad_ones(checkpoint, mixed_folder, ca
     assert len(errors) == 3
     for name, line in zip(("bomb.png", "broken.png", "missing.png"), errors, strict=True):
         assert name in line and line.startswith("tinycifar predict: ")
+
+
+def test_predictions_are_the_networks_own_with_its_norms_folded(checkpoint, tmp_path, monkeypatch):
+    image = tmp_path / "one.png"
+    image.write_bytes(encoded(noise(), "PNG"))
+    ops = OperatorNames()
+
+    def watched(*args):  # only the classifying: loading a network runs it once, unfolded, to check it
+        with ops:
+            return classify(*args)
+
+    monkeypatch.setattr(predict, "classify", watched)
+    (got,) = predict_files(checkpoint, [image], top_k=10)
+    assert ops.names and not any("batch_norm" in name for name in ops.names)
+    model, _ = load_inference_model(checkpoint)
+    with torch.no_grad():
+        probs = model(load_image(image, 32)[None]).softmax(1)[0]
+    expected = sorted(zip(CLASSES, probs.tolist(), strict=True), key=lambda cp: -cp[1])
+    assert [c for c, _ in got.top] == [c for c, _ in expected]
+    assert [p for _, p in got.top] == pytest.approx([p for _, p in expected], abs=1e-6)
 
 
 def test_cli_json_output_parses(checkpoint, mixed_folder, capsys):

@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 from serve_helpers import png_bytes, served_checkpoint
+from test_evaluate import OperatorNames
 from test_predict import bilevel_png
 
 from tinycifar.serving.predict import predict_files
@@ -217,6 +218,18 @@ def test_concurrent_requests_are_micro_batched(served):
     assert all(r.status_code == 200 for r in responses)
     assert model.batcher.images - images == 8
     assert model.batcher.calls - calls <= 3  # 8 single-image requests, merged
+
+
+def test_the_pytorch_engine_runs_folded_norms_and_grad_cam_keeps_the_checkpoints_layers(served):
+    model = served[0]
+    images = torch.rand(8, 3, 32, 32)
+    with OperatorNames() as ops:
+        folded = model.batcher.engine.logits(images)
+    assert ops.names and not any("batch_norm" in name for name in ops.names)
+    with torch.no_grad():
+        assert torch.allclose(folded, model.model(images), atol=1e-5)
+    norms = [m for m in model.model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert norms and not model.model.training  # Grad-CAM's copy: the checkpoint's layers, in eval mode
 
 
 @pytest.mark.parametrize("int8", [False, True], ids=["fp32", "int8"])

@@ -1,10 +1,11 @@
 """What runs the network for ``tinycifar serve``: PyTorch or ONNX Runtime, behind a micro-batcher.
 
 Both engines take float RGB 0..1 batches (N, 3, 32, 32), the inference contract of
-``NormalizedNet``, and return logits. The PyTorch engine computes in fp32, exactly like
-``tinycifar predict``, so the same file gives the same answer through both. The ONNX Runtime
-engine runs the model ``tinycifar export`` writes (fp32, or int8 with its calibration, refused at
-start-up like ``export --int8`` refuses it when it loses more than a point against fp32).
+``NormalizedNet``, and return logits. The PyTorch engine computes in fp32 with its batch norms
+folded, exactly like ``tinycifar predict``, so the same file gives the same answer through both.
+The ONNX Runtime engine runs the model ``tinycifar export`` writes (fp32, or int8 with its
+calibration, refused at start-up like ``export --int8`` refuses it when it loses more than a point
+against fp32).
 
 ``MicroBatcher`` merges the images of requests that arrive together into one engine call:
 requests queue up while the engine is busy, and the next call takes all of them (up to
@@ -22,15 +23,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..models.layers import fold_batch_norms
 from .export import write_onnx
 from .inference import NormalizedNet
 
 
 class TorchEngine:
+    """The network in eager fp32 with each batch norm folded into its convolution (as ``predict``
+    and a test pass run it): fewer passes over the maps for the same logits up to float rounding.
+    Grad-CAM hooks the server's own unfolded copy, whose layers are the checkpoint's."""
+
     name = "pytorch"
 
     def __init__(self, model: NormalizedNet):
-        self.model = model.eval()
+        self.model = fold_batch_norms(model)
 
     @torch.no_grad()
     def logits(self, images: torch.Tensor) -> torch.Tensor:
