@@ -21,8 +21,8 @@ from tiny_run import train_tiny_run
 from tinycifar.cli import main
 from tinycifar.data import CLASSES
 from tinycifar.data.images import MAX_PIXELS, ImageLoadError, load_image
-from tinycifar.serving.inference import load_inference_model
 from tinycifar.serving import predict
+from tinycifar.serving.inference import load_inference_model
 from tinycifar.serving.predict import classify, expand_inputs, predict_files
 
 
