@@ -84,6 +84,21 @@ def test_the_step_benchmarks_run_end_to_end(tmp_path, script, args, parts):
     assert out.with_suffix(".md").read_text().startswith("# ")
 
 
+def test_the_step_profile_runs_end_to_end(tmp_path):
+    """profile_step.py on a small fp32 step: every part timed, the parts and "other" a whole profiled step."""
+    out = tmp_path / "profile"
+    subprocess.run([sys.executable, str(BENCHMARKS / "profile_step.py"), "--precision", "fp32", "--steps", "1",
+                    "--resolution", "16", "--batch-size", "16", "--ops", "3", "--out", str(out)],
+                   check=True, capture_output=True, text=True, timeout=300)
+    report = json.loads(out.with_suffix(".json").read_text())
+    parts = {r["part"] for r in report["rows"]}
+    assert {"optimizer", "augmentation", "batch norm", "conv dilated"} <= parts
+    assert all(r["ms_per_step"] > 0 for r in report["rows"] if not r["part"].startswith("other"))
+    assert sum(r["share_%"] for r in report["rows"]) == pytest.approx(100, abs=1)
+    assert report["profiled_step_seconds"] > 0 and len(report["operators"]) == 3
+    assert report["batch"] == 16 and 0 < report["achieved_flops"] < report["matmul_peak_flops"] * 2
+
+
 @pytest.mark.parametrize("stride, dilation, padding, size", [(1, 2, 2, 8), (1, 2, 2, 5), (2, 1, 1, 16), (2, 1, 1, 15),
                                                             (1, 3, 3, 4), (2, 2, 0, 9), (1, 3, 3, 2)])
 def test_the_weight_gradient_by_taps_is_pytorchs(stride, dilation, padding, size):
