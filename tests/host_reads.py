@@ -1,5 +1,6 @@
-"""Counting the operations that make the host wait for the device: on a GPU each one waits for the
-device's queue to drain (a host sync), so a training step must have none."""
+"""Dispatch modes that record what runs: the operations that make the host wait for the device (on a
+GPU each one waits for the device's queue to drain, a host sync, so a training step must have none),
+and the names of every operator (a folded network must run no batch norm)."""
 
 from __future__ import annotations
 
@@ -27,4 +28,16 @@ class HostReads(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func in self.READS:
             self.seen.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+class OperatorNames(TorchDispatchMode):
+    """The names of the ATen operators that run inside it."""
+
+    def __init__(self):
+        super().__init__()
+        self.names: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(func.__name__)
         return func(*args, **(kwargs or {}))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from host_reads import OperatorNames
 
 from tinycifar.data import synthetic_cifar10
 from tinycifar.data.loader import DeviceLoader, channel_stats
@@ -18,18 +18,6 @@ from tinycifar.evaluate import (
     tta_views,
 )
 from tinycifar.models import create_model
-
-
-class OperatorNames(TorchDispatchMode):
-    """The names of the ATen operators that run inside it."""
-
-    def __init__(self):
-        super().__init__()
-        self.names: set[str] = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.add(func.__name__)
-        return func(*args, **(kwargs or {}))
 
 
 @pytest.fixture(scope="module")

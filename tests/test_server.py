@@ -12,9 +12,9 @@ import time
 import httpx2 as httpx
 import pytest
 import torch
+from host_reads import OperatorNames
 from PIL import Image
 from serve_helpers import png_bytes, served_checkpoint
-from test_evaluate import OperatorNames
 from test_predict import bilevel_png
 
 from tinycifar.serving.predict import predict_files
@@ -221,15 +221,16 @@ def test_concurrent_requests_are_micro_batched(served):
 
 
 def test_the_pytorch_engine_runs_folded_norms_and_grad_cam_keeps_the_checkpoints_layers(served):
-    model = served[0]
-    images = torch.rand(8, 3, 32, 32)
+    served_model = served[0]
+    images = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     with OperatorNames() as ops:
-        folded = model.batcher.engine.logits(images)
+        folded = served_model.batcher.run_sync(served_model.batcher.engine.logits, images)
     assert ops.names and not any("batch_norm" in name for name in ops.names)
     with torch.no_grad():
-        assert torch.allclose(folded, model.model(images), atol=1e-5)
-    norms = [m for m in model.model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-    assert norms and not model.model.training  # Grad-CAM's copy: the checkpoint's layers, in eval mode
+        assert torch.allclose(folded, served_model.model(images), atol=1e-5)
+    assert served_model.model.model.get_submodule(served_model.cam_layer)  # Grad-CAM's: the checkpoint's layers,
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in served_model.model.modules())  # norms and all
+    assert not served_model.model.training
 
 
 @pytest.mark.parametrize("int8", [False, True], ids=["fp32", "int8"])
