@@ -40,10 +40,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import command_line, machine_info, markdown_table  # noqa: E402
 
 from tinycifar.models import MODEL_REGISTRY, create_model  # noqa: E402
-from tinycifar.models.layers import fold_batch_norms  # noqa: E402
 from tinycifar.serving.export import activation_type, calibration_images, export_onnx, quantize_int8  # noqa: E402
 from tinycifar.serving.inference import (  # noqa: E402
     NormalizedNet,
+    folded,
     load_inference_model,
     run_split,
     to_unit_float,
@@ -95,7 +95,7 @@ def predictions(run: Runner, images: torch.Tensor, batch: int = 500) -> np.ndarr
 def pytorch_runners(model: torch.nn.Module) -> dict[str, Runner]:
     """PyTorch fp32, and bf16 autocast only where the CPU computes bf16 natively (see the docstring),
     each batch norm folded into its convolution as ``predict`` and ``serve`` run the network."""
-    model = fold_batch_norms(model)
+    model = folded(model)
     runners = {"pytorch-fp32": torch_runner(model, bf16=False)}
     if cpu_supports_bf16():
         runners["pytorch-bf16"] = torch_runner(model, bf16=True)

@@ -4,6 +4,8 @@ and the names of every operator (a folded network must run no batch norm)."""
 
 from __future__ import annotations
 
+from collections import Counter
+
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -32,12 +34,20 @@ class HostReads(TorchDispatchMode):
 
 
 class OperatorNames(TorchDispatchMode):
-    """The names of the ATen operators that run inside it."""
+    """The ATen operators that run inside it: their names, and how often each ran."""
 
     def __init__(self):
         super().__init__()
-        self.names: set[str] = set()
+        self.counts: Counter[str] = Counter()
+
+    @property
+    def names(self) -> set[str]:
+        return set(self.counts)
+
+    def count(self, part: str) -> int:
+        """Calls of the operators whose name holds ``part``."""
+        return sum(n for name, n in self.counts.items() if part in name)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.add(func.__name__)
+        self.counts[func.__name__] += 1
         return func(*args, **(kwargs or {}))

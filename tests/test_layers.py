@@ -231,6 +231,39 @@ def test_folding_leaves_a_pair_with_hooks_and_a_sequential_with_its_own_forward(
         assert torch.allclose(folded(x), net.eval()(x), atol=1e-5)
 
 
+class PreNormSkip(nn.Module):
+    """Calls its block's layers one by one and adds the convolution's output before the norm: folding
+    the plain Sequential would change what it computes, which only running it shows."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4))
+
+    def forward(self, x):
+        y = self.block[0](x)
+        return self.block[1](y) + y
+
+
+def test_a_probe_keeps_the_norms_where_folding_would_change_the_function():
+    net = with_trained_norms(PreNormSkip())
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = net.eval()(x)
+        assert not torch.allclose(fold_batch_norms(net)(x), expected, atol=1e-3)  # without a probe: wrong
+        checked = fold_batch_norms(net, probe=x[:1])
+        assert torch.allclose(checked(x), expected, atol=1e-6) and not checked.training
+    assert any(isinstance(m, nn.BatchNorm2d) for m in checked.modules())
+
+
+def test_a_probe_keeps_the_fold_where_it_is_the_same_function():
+    from tinycifar.models import create_model
+
+    model = with_trained_norms(create_model("fastnet"))
+    probe = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    folded = fold_batch_norms(model, probe=probe)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+
+
 def test_folding_in_bf16_autocast_stays_within_bf16_rounding():
     """Under autocast the folded weights are rounded to bf16 once, the unfolded ones and the norm apart:
     the logits agree to bf16's precision, not bit for bit."""

@@ -18,6 +18,7 @@ from .models.layers import fold_batch_norms
 
 TTA_MODES = ("none", "flip", "flip+translate")
 CALIBRATION_BINS = 15  # equal-width confidence bins, the usual choice for ECE (Guo et al., 2017)
+FOLD_PROBE_IMAGES = 8  # the folded network must give these the unfolded one's logits (models.layers)
 
 
 def eval_batch_size(device: torch.device) -> int:
@@ -124,12 +125,14 @@ def evaluate_views(model: nn.Module, loader, precision: str = "fp32", tta: str =
                    num_classes: int | None = None) -> tuple[EvalResult, EvalResult]:
     """The result with ``tta`` and the plain one (the identity view alone) from the same forward
     passes, so a run that reports both pays for the views once."""
-    net = fold_batch_norms(model)  # in eval mode; ``model`` keeps its mode
+    net = None  # folded at the first batch, checked on its first images; ``model`` keeps its mode
     device = loader.device
     loss_sums = torch.zeros(2, device=device, dtype=torch.float64)
     calibration = torch.zeros(2, 3, CALIBRATION_BINS, device=device, dtype=torch.float64)
     confusion = None
     for x, y in loader:
+        if net is None:
+            net = fold_batch_norms(model, probe=x[:FOLD_PROBE_IMAGES])
         with autocast_context(x.device, precision):
             views = [net(v).float() for v in tta_views(x, tta)]
         scored = [views[0]] if len(views) == 1 else [torch.stack(views).mean(0), views[0]]  # no TTA: one tally

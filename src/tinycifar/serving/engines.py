@@ -23,9 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..models.layers import fold_batch_norms
 from .export import write_onnx
-from .inference import NormalizedNet
+from .inference import NormalizedNet, folded
 
 
 class TorchEngine:
@@ -35,8 +34,8 @@ class TorchEngine:
 
     name = "pytorch"
 
-    def __init__(self, model: NormalizedNet):
-        self.model = fold_batch_norms(model)
+    def __init__(self, model: NormalizedNet, image_size: int = 32):
+        self.model = folded(model.eval(), image_size)
 
     @torch.no_grad()
     def logits(self, images: torch.Tensor) -> torch.Tensor:

@@ -18,8 +18,7 @@ import torch
 from ..config import ConfigError
 from ..data import classes_of, image_size_of
 from ..data.images import ImageLoadError, image_extensions, load_image
-from ..models.layers import fold_batch_norms
-from .inference import load_inference_model
+from .inference import folded, load_inference_model
 
 BATCH = 256
 
@@ -73,9 +72,9 @@ def predict_files(checkpoint: str | Path, paths: list[str | Path], top_k: int | 
     ``on_error(path, message)`` is called for each unusable input; the others go on. ``model``
     names the network's code for a checkpoint of the user's own network.
     """
-    model, state = load_inference_model(checkpoint, model, allow_changed_source)
-    model = fold_batch_norms(model)  # as serve's PyTorch engine runs it: the same answers, fewer passes
+    network, state = load_inference_model(checkpoint, model, allow_changed_source)
     classes, size = classes_of(state), image_size_of(state)
+    model = folded(network, size)  # as serve's PyTorch engine runs it
     top_k = min(3, len(classes)) if top_k is None else top_k
     if not 1 <= top_k <= len(classes):
         raise ConfigError(f"--top-k: expected 1 to {len(classes)} (the checkpoint's classes), got {top_k}")

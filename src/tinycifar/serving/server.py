@@ -127,7 +127,7 @@ def load_served_model(checkpoint: str | Path, specs: list[str], engine: str = "p
     if engine == "onnxruntime":
         runner = OnnxEngine(model, config, int8=int8, data=data, threads=threads)
     elif engine == "pytorch":
-        runner = TorchEngine(model)
+        runner = TorchEngine(model, image_size_of(state))
     else:
         raise ConfigError(f"--engine {engine}: expected pytorch or onnxruntime")
     batcher = MicroBatcher(runner, max_batch)
