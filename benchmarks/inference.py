@@ -2,7 +2,8 @@
 
 Images per second at each batch size for four engines running the same checkpoint:
 PyTorch eager fp32, PyTorch eager under bf16 autocast (both with the batch norms folded, as
-``predict`` and ``serve`` run them), ONNX Runtime fp32 and ONNX Runtime int8 (static QDQ,
+``predict`` and ``serve`` run them since Speed XV; earlier results ran them unfolded, at about 0.93x
+the images/s at batch 256), ONNX Runtime fp32 and ONNX Runtime int8 (static QDQ,
 per-channel 7-bit weights; see tinycifar.serving.export). bf16 is skipped
 on a CPU without AVX512-BF16 or AMX, where autocast only emulates it (82 images/s on a Zen 3
 against 2,175 in fp32): a figure about the emulation, not the network. Inputs are float RGB 0..1 with the
