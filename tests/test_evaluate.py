@@ -72,7 +72,8 @@ def test_a_network_the_fold_would_change_is_scored_unfolded(setting):
     torch.manual_seed(2)
     net = torch.nn.Sequential(PreNormSkip(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 10))
     net[0].block[1].running_mean.uniform_(-0.5, 0.5)
-    result = evaluate(net, loader, "fp32")
+    with pytest.warns(UserWarning, match="runs unfolded"):
+        result = evaluate(net, loader, "fp32")
     with torch.no_grad():
         logits = torch.cat([net.eval()(x) for x, _ in loader])
     labels = torch.cat([y for _, y in loader])

@@ -16,8 +16,10 @@ from tinycifar.models.layers import (
     _DilatedDepthwiseConv,
     fold_batch_norms,
     init_whitening,
+    no_tf32,
     patch_covariance,
     patch_rows,
+    same_outputs,
 )
 
 
@@ -250,9 +252,32 @@ def test_a_probe_keeps_the_norms_where_folding_would_change_the_function():
     with torch.no_grad():
         expected = net.eval()(x)
         assert not torch.allclose(fold_batch_norms(net)(x), expected, atol=1e-3)  # without a probe: wrong
-        checked = fold_batch_norms(net, probe=x[:1])
+        with pytest.warns(UserWarning, match="PreNormSkip: .* it runs unfolded"):
+            checked = fold_batch_norms(net, probe=x[:1])
         assert torch.allclose(checked(x), expected, atol=1e-6) and not checked.training
     assert any(isinstance(m, nn.BatchNorm2d) for m in checked.modules())
+
+
+def test_the_probe_runs_in_full_fp32_and_restores_the_flags():
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")  # a user's TF32 for matrix products
+    try:
+        with no_tf32():
+            assert torch.get_float32_matmul_precision() == "highest" and not torch.backends.cudnn.allow_tf32
+        assert torch.get_float32_matmul_precision() == "high" and torch.backends.cudnn.allow_tf32
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+def test_a_network_the_probe_cannot_compare_counts_as_different():
+    class Pair(nn.Module):
+        def forward(self, x):
+            return x, x
+
+    x = torch.randn(1, 3, 4, 4)
+    assert not same_outputs(Pair(), Pair(), x)  # not a tensor
+    assert not same_outputs(nn.Conv2d(3, 3, 1), nn.Conv2d(3, 3, 1).double(), x)  # cannot take fp32 input
+    assert same_outputs(nn.Identity(), nn.Identity(), x)
 
 
 def test_a_probe_keeps_the_fold_where_it_is_the_same_function():

@@ -22,7 +22,7 @@ from tinycifar.cli import main
 from tinycifar.data import CLASSES
 from tinycifar.data.images import MAX_PIXELS, ImageLoadError, load_image
 from tinycifar.serving import predict
-from tinycifar.serving.inference import load_inference_model
+from tinycifar.serving.inference import NormalizedNet, folded, load_inference_model
 from tinycifar.serving.predict import classify, expand_inputs, predict_files
 
 
@@ -231,6 +231,20 @@ def test_predictions_are_the_networks_own_with_its_norms_folded(checkpoint, tmp_
         probs = model(load_image(image, 32)[None]).softmax(1)[0]
     assert dict(got.top) == pytest.approx(dict(zip(CLASSES, probs.tolist(), strict=True)), abs=1e-6)
     assert [p for _, p in got.top] == sorted((p for _, p in got.top), reverse=True)
+
+
+def test_a_network_the_fold_would_change_is_predicted_unfolded():
+    """predict and serve's engine fold through serving.inference.folded, whose probe keeps the norms here."""
+    from test_layers import PreNormSkip
+
+    net = NormalizedNet(PreNormSkip(), [0.5] * 3, [0.25] * 3).eval()
+    net.model.block[1].running_mean.uniform_(-0.5, 0.5)
+    with pytest.warns(UserWarning, match="runs unfolded"):
+        served = folded(net, 8)
+    x = torch.rand(3, 3, 8, 8, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        assert torch.allclose(served(x), net(x), atol=1e-6)
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in served.modules())
 
 
 def test_cli_json_output_parses(checkpoint, mixed_folder, capsys):

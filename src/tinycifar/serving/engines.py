@@ -34,8 +34,8 @@ class TorchEngine:
 
     name = "pytorch"
 
-    def __init__(self, model: NormalizedNet, image_size: int = 32):
-        self.model = folded(model.eval(), image_size)
+    def __init__(self, model: NormalizedNet, image_size: int):
+        self.model = folded(model, image_size)
 
     @torch.no_grad()
     def logits(self, images: torch.Tensor) -> torch.Tensor:
