@@ -94,6 +94,7 @@ def test_torchscript_matches_pytorch(checkpoint, reference, tmp_path):
     with torch.no_grad():
         agree(loaded(torch.from_numpy(x)).numpy(), expected)
         assert loaded(torch.from_numpy(x[:3])).shape == (3, 10)
+    assert "aten::batch_norm" not in str(loaded.inlined_graph)  # folded, as predict runs it
 
 
 def test_int8_is_quantized_and_runs(checkpoint, reference, tmp_path):

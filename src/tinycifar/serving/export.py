@@ -44,7 +44,7 @@ import torch
 
 from ..config import ConfigError
 from ..data import Split, classes_of, image_size_of
-from .inference import NormalizedNet, load_inference_model, run_split, to_unit_float
+from .inference import NormalizedNet, folded, load_inference_model, run_split, to_unit_float
 
 FORMATS = ("onnx", "onnx-int8", "torchscript")
 OPSET = 18
@@ -175,7 +175,8 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, fmt: str = "onnx"
     partial = out.with_name(f".{out.stem}.partial{out.suffix}")
     try:
         if fmt == "torchscript":
-            export_torchscript(model, partial, model_metadata(state), image_size_of(state))
+            size = image_size_of(state)  # traced folded, as predict runs it (the ONNX exporter folds its own)
+            export_torchscript(folded(model, size), partial, model_metadata(state), size)
         else:
             write_onnx(model, state["config"], partial, int8=fmt == "onnx-int8", data=data,
                        calibration_count=calibration_count)
